@@ -1,0 +1,156 @@
+"""`llmtech` command line. Thin: parses arguments and calls the package; no logic here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import LlmtechError
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="llmtech: the LLM Tech course as runnable software.")
+lab_app = typer.Typer(no_args_is_help=True, help="List and run the course's 42 labs.")
+models_app = typer.Typer(no_args_is_help=True, help="Model registry and the offline model cache.")
+data_app = typer.Typer(no_args_is_help=True, help="Validate, clean and convert datasets.")
+train_app = typer.Typer(no_args_is_help=True, help="Training stages (sft, ...).")
+app.add_typer(lab_app, name="lab")
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+
+OverridesArg = typer.Argument(None, help="key=value overrides")
+
+
+# --------------------------------------------------------------------------- labs
+
+@lab_app.command("list")
+def lab_list(json_out: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """All 42 labs with id, path and status (built / not built yet)."""
+    from . import labs
+
+    rows = [{"id": lab.id, "path": f"lessons/{lab.path}", "title": lab.title, "status": lab.status}
+            for lab in labs.LABS]
+    if json_out:
+        typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    for r in rows:
+        typer.echo(f"{r['id']:6}  {r['status']:13}  {r['path']}  {r['title']}")
+    built = sum(r["status"] == "built" for r in rows)
+    typer.echo(f"\n{len(rows)} labs, {built} built, {len(rows) - built} not built yet")
+
+
+@lab_app.command("run", context_settings={"allow_extra_args": True})
+def lab_run(lab_id: str, quick: bool = typer.Option(False, "--quick"),
+            out: Optional[Path] = typer.Option(None, "--out"),
+            overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Run one lab, e.g. `llmtech lab run L1.03 --quick`."""
+    from . import labs
+
+    lab = labs.get_lab(lab_id)
+    rc = labs.run_lab_subprocess(lab, quick, out, overrides or [])
+    raise typer.Exit(rc)
+
+
+@lab_app.command("run-all")
+def lab_run_all(quick: bool = typer.Option(False, "--quick"),
+                lesson: Optional[int] = typer.Option(None, "--lesson", help="only this lesson"),
+                out: Path = typer.Option(Path("runs"), "--out")) -> None:
+    """Run every built lab in order; a failing lab does not stop the others."""
+    import time
+
+    from . import labs, report
+
+    results = []
+    for lab in labs.LABS:
+        if lesson and not lab.id.startswith(f"L{lesson}."):
+            continue
+        if not lab.built:
+            results.append((lab.id, "not built yet", 0.0))
+            continue
+        t0 = time.time()
+        rc = labs.run_lab_subprocess(lab, quick, out / lab.id, [])
+        results.append((lab.id, "ok" if rc == 0 else f"FAILED (exit {rc})", time.time() - t0))
+    typer.echo("\nlab     result            seconds")
+    for lab_id, res, secs in results:
+        typer.echo(f"{lab_id:7} {res:17} {secs:7.1f}")
+    report.build_report(out)
+    if any(r[1].startswith("FAILED") for r in results):
+        raise typer.Exit(1)
+
+
+@app.command("report")
+def report_cmd(runs: Path = typer.Option(Path("runs"), "--runs", help="folder of lab outputs")) -> None:
+    """Gather every lab's metrics.json into runs/REPORT.md plus plots."""
+    from . import report
+
+    path = report.build_report(runs)
+    typer.echo(f"report -> {path}")
+
+
+# --------------------------------------------------------------------------- models
+
+@models_app.command("list")
+def models_list() -> None:
+    """Registry names and what they are."""
+    from . import models
+
+    for spec in models.REGISTRY.values():
+        typer.echo(f"{spec.name:14} {spec.kind:9} {spec.source:32} {spec.description}")
+    typer.echo("\nAlso: hf:org/name, ms:org/name, or a local folder.")
+
+
+@models_app.command("prepare")
+def models_prepare(model_id: str = typer.Argument("smollm2-135m")) -> None:
+    """Resolve a model once (for the bundled LM: dequantise and cache it)."""
+    from . import models
+
+    typer.echo(str(models.resolve(model_id)))
+
+
+# --------------------------------------------------------------------------- data
+
+@data_app.command("validate")
+def data_validate(path: str, fmt: str = typer.Option("auto", "--format",
+                  help="alpaca | sharegpt | preference | kto | auto")) -> None:
+    """Check a dataset file; errors name the file and line."""
+    from . import data
+
+    records = data.load(path, fmt=fmt)
+    detected = fmt if fmt != "auto" else data.detect_format(records[0])
+    typer.echo(json.dumps({"file": path, "format": detected, "records": len(records)},
+                          ensure_ascii=False))
+
+
+# --------------------------------------------------------------------------- entry point
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(args=argv, standalone_mode=False)
+    except LlmtechError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation: LM losses and perplexity, generation, text metrics."""

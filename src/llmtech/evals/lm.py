@@ -1,0 +1,95 @@
+"""Language-model measurements: response-only loss, perplexity, batched greedy generation."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from ..models import render_chat
+
+
+def encode_chat_example(tokenizer, messages: list[dict], max_length: int = 512) -> dict:
+    """Token ids of a chat whose LAST message is the target, and a mask of the target tokens.
+
+    The prompt is rendered with the generation prompt, so the target tokens are exactly what
+    the model must generate (including the end-of-turn/EOS token the template appends).
+    """
+    prompt_text = render_chat(tokenizer, messages[:-1], add_generation_prompt=True)
+    full_text = render_chat(tokenizer, messages)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError("chat template does not render the prompt as a prefix of the full chat")
+    mask = [0] * len(prompt_ids) + [1] * (len(full_ids) - len(prompt_ids))
+    return {"input_ids": full_ids[:max_length], "target_mask": mask[:max_length]}
+
+
+@torch.no_grad()
+def masked_nll(model, tokenizer, batch_examples: list[dict], batch_size: int = 8) -> tuple[float, int]:
+    """Sum of negative log-likelihood over target tokens, and the number of target tokens."""
+    model.eval()
+    total, count = 0.0, 0
+    pad = tokenizer.pad_token_id
+    for i in range(0, len(batch_examples), batch_size):
+        chunk = batch_examples[i:i + batch_size]
+        L = max(len(e["input_ids"]) for e in chunk)
+        ids = torch.full((len(chunk), L), pad, dtype=torch.long)
+        att = torch.zeros((len(chunk), L), dtype=torch.long)
+        tgt = torch.zeros((len(chunk), L), dtype=torch.bool)
+        for j, e in enumerate(chunk):
+            n = len(e["input_ids"])
+            ids[j, :n] = torch.tensor(e["input_ids"])
+            att[j, :n] = 1
+            tgt[j, :n] = torch.tensor(e["target_mask"], dtype=torch.bool)
+        logits = model(input_ids=ids, attention_mask=att).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        tok_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        m = tgt[:, 1:]
+        total += float(-(tok_logp * m).sum())
+        count += int(m.sum())
+    return total, count
+
+
+def response_loss(model, tokenizer, conversations: Iterable[list[dict]], max_length: int = 512,
+                  batch_size: int = 8) -> float:
+    """Mean per-token loss of the final assistant message given the conversation before it."""
+    ex = [encode_chat_example(tokenizer, c, max_length) for c in conversations]
+    total, count = masked_nll(model, tokenizer, ex, batch_size)
+    return total / max(count, 1)
+
+
+def perplexity(model, tokenizer, texts: Iterable[str], max_length: int = 512,
+               batch_size: int = 8) -> float:
+    """Token-level perplexity of plain texts (every token after the first is scored)."""
+    ex = []
+    for t in texts:
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"][:max_length]
+        if len(ids) >= 2:
+            ex.append({"input_ids": ids, "target_mask": [1] * len(ids)})
+    total, count = masked_nll(model, tokenizer, ex, batch_size)
+    return math.exp(total / max(count, 1))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
+             batch_size: int = 8) -> list[str]:
+    """Greedy replies to each conversation (prompt = all messages, generation prompt added)."""
+    model.eval()
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outs: list[str] = []
+    try:
+        for i in range(0, len(conversations), batch_size):
+            texts = [render_chat(tokenizer, c, add_generation_prompt=True)
+                     for c in conversations[i:i + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+            for row in gen[:, enc["input_ids"].shape[1]:]:
+                outs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    finally:
+        tokenizer.padding_side = old_side
+    return outs

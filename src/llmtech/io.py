@@ -1,0 +1,84 @@
+"""Safe file I/O: atomic writes and encoding-aware reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+
+# Encodings tried in order when a file is not valid UTF-8. GB18030 is a superset of GBK/GB2312.
+FALLBACK_ENCODINGS = ("gb18030", "big5")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write to a temp file in the same folder, then rename into place (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
+    return atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, rows) -> Path:
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def decode_bytes(raw: bytes, source: str = "<bytes>") -> tuple[str, str]:
+    """Decode bytes as UTF-8 (with or without BOM), else GB18030/GBK, else Big5.
+
+    Returns ``(text, encoding)``. Raises DataError naming ``source`` when nothing fits.
+    """
+    if raw.startswith(b"\xef\xbb\xbf"):
+        return raw[3:].decode("utf-8"), "utf-8-sig"
+    try:
+        return raw.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError as e:
+        first_bad = e.start
+    for enc in FALLBACK_ENCODINGS:
+        try:
+            return raw.decode(enc), enc
+        except UnicodeDecodeError:
+            continue
+    # charset-normalizer as a last resort for other legacy encodings
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(raw).best()
+    if best is not None and best.encoding:
+        return str(best), best.encoding
+    line = raw[:first_bad].count(b"\n") + 1
+    raise DataError(
+        f"{source}: line {line}: cannot decode text (not UTF-8, GBK/GB18030 or Big5); "
+        "re-save the file as UTF-8"
+    )
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """Read a text file whatever its common encoding; errors name the file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a file")
+    text, _ = decode_bytes(path.read_bytes(), str(path))
+    return text
