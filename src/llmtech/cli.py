@@ -129,6 +129,23 @@ def data_validate(path: str, fmt: str = typer.Option("auto", "--format",
                           ensure_ascii=False))
 
 
+# --------------------------------------------------------------------------- train
+
+@train_app.command("sft", context_settings={"allow_extra_args": True})
+def train_sft(config: Optional[Path] = typer.Option(None, "--config", help="YAML config"),
+              deepspeed: Optional[str] = typer.Option(None, "--deepspeed", help="DeepSpeed JSON (GPU)"),
+              overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Supervised fine-tuning (full or LoRA) on TRL's SFTTrainer."""
+    from .config import load_config
+    from .train.sft import SFTSettings, run_sft
+
+    extra = list(overrides or []) + ([f"deepspeed={deepspeed}"] if deepspeed else [])
+    settings = load_config(SFTSettings, config, extra)
+    result = run_sft(settings)
+    result.pop("trainer", None)
+    typer.echo(json.dumps(result, ensure_ascii=False, indent=2))
+
+
 # --------------------------------------------------------------------------- entry point
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,1 @@
+"""Training stages built on TRL / PEFT / transformers."""

@@ -1,0 +1,83 @@
+"""Trainer callbacks: JSONL log, NaN/inf guard, loss plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from ..errors import TrainingDiverged
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Append every log event (loss, lr, grad norm, eval loss...) to ``trainer_log.jsonl``.
+
+    On resume, entries past the checkpoint's step are dropped first, so the log never holds
+    the same step twice.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.path.exists() and state.global_step > 0 and state.is_world_process_zero:
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+            self.path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+        elif state.global_step == 0 and self.path.exists() and state.is_world_process_zero:
+            self.path.unlink()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+class NanGuardCallback(TrainerCallback):
+    """Stop with a clear message as soon as a logged loss or grad norm is NaN or infinite."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "eval_loss", "grad_norm"):
+            v = (logs or {}).get(key)
+            if isinstance(v, (int, float)) and not math.isfinite(v):
+                raise TrainingDiverged(
+                    f"training diverged at step {state.global_step}: {key} = {v}. Lower the "
+                    "learning rate, enable gradient clipping (max_grad_norm) or check the data; "
+                    f"the last good checkpoint in {args.output_dir} is kept")
+
+
+def read_log(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def plot_loss(log_path: str | Path, out_png: str | Path, title: str = "loss") -> Path | None:
+    rows = read_log(log_path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not ev:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return Path(out_png)

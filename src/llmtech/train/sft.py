@@ -1,0 +1,195 @@
+"""Supervised fine-tuning on TRL's SFTTrainer: full or LoRA, response-only loss, packing.
+
+``run_sft(SFTSettings(...))`` is what ``llmtech train sft --config ...`` and the Lesson 1 labs
+call. A run folder holds ``trainer_log.jsonl``, ``loss.png``, ``checkpoint-*`` folders (for
+``resume=true``), the final adapter/model in ``final/`` and ``result.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+from ..config import StrictModel
+from ..errors import ConfigError, DataError
+from ..io import atomic_write_json
+from ..models import DEFAULT_LM
+from .callbacks import JsonlLogCallback, NanGuardCallback, plot_loss
+from .lora import LoraSettings, lora_config
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM = None  # keep the model's own default system prompt unless a run sets one
+
+
+class SFTSettings(StrictModel):
+    model: str = DEFAULT_LM
+    train_file: str = "data/support/sft_train.jsonl"
+    eval_file: str | None = "data/support/sft_test.jsonl"
+    format: str = "auto"
+    system_prompt: str | None = DEFAULT_SYSTEM
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    output_dir: str = "runs/sft"
+    finetuning: Literal["lora", "full"] = "lora"
+    lora: LoraSettings = LoraSettings()
+    loss_on: Literal["response", "full"] = "response"
+    packing: bool = False
+    group_by_length: bool = False
+    max_length: int = 256
+    num_epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup: float = 0.0  # < 1: fraction of the total steps; >= 1: number of steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    logging_steps: int = 5
+    eval_steps: int | None = None
+    save_steps: int = 50
+    save_total_limit: int = 2
+    seed: int = 0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    resume: bool = False
+    deepspeed: str | None = None
+    tensorboard: bool = False
+    eval_before: bool = True
+    save_final: bool = True
+
+
+def build_datasets(s: SFTSettings):
+    """Load + validate the records and convert them to TRL conversational prompt/completion."""
+    from datasets import Dataset
+
+    from ..data import load, to_prompt_completion
+
+    train = load(s.train_file, fmt=s.format, limit=s.max_train_samples)
+    rows = [to_prompt_completion(r, s.system_prompt) for r in train]
+    train_ds = Dataset.from_list(rows)
+    eval_ds = None
+    if s.eval_file:
+        ev = load(s.eval_file, fmt=s.format, limit=s.max_eval_samples)
+        eval_ds = Dataset.from_list([to_prompt_completion(r, s.system_prompt) for r in ev])
+    return train_ds, eval_ds
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    p = Path(output_dir)
+    if not p.is_dir():
+        return None
+    ck = get_last_checkpoint(str(p))
+    return Path(ck) if ck else None
+
+
+def build_trainer(s: SFTSettings, model=None, tokenizer=None, callbacks=()):
+    """Everything up to (not including) ``trainer.train()`` — labs use this to look inside."""
+    from trl import SFTConfig, SFTTrainer
+
+    from .. import models
+
+    if s.deepspeed and not Path(s.deepspeed).exists():
+        raise ConfigError(f"deepspeed: config file {s.deepspeed} not found")
+    if model is None or tokenizer is None:
+        model, tokenizer = models.load_lm(s.model, seed=s.seed)
+    train_ds, eval_ds = build_datasets(s)
+    out = Path(s.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    args = SFTConfig(
+        output_dir=str(out),
+        num_train_epochs=s.num_epochs,
+        max_steps=s.max_steps,
+        learning_rate=s.learning_rate,
+        lr_scheduler_type=s.lr_scheduler,
+        warmup_steps=s.warmup,
+        weight_decay=s.weight_decay,
+        max_grad_norm=s.max_grad_norm,
+        per_device_train_batch_size=s.batch_size,
+        per_device_eval_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        logging_steps=s.logging_steps,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,  # let the NaN guard see a diverged loss
+        eval_strategy="steps" if (eval_ds is not None and s.eval_steps) else "no",
+        eval_steps=s.eval_steps,
+        save_strategy="steps",
+        save_steps=s.save_steps,
+        save_total_limit=s.save_total_limit,
+        seed=s.seed,
+        data_seed=s.seed,
+        bf16=s.bf16,
+        gradient_checkpointing=s.gradient_checkpointing,
+        deepspeed=s.deepspeed,
+        report_to=["tensorboard"] if s.tensorboard else "none",
+        max_length=s.max_length,
+        packing=s.packing,
+        completion_only_loss=(s.loss_on == "response"),
+        train_sampling_strategy="group_by_length" if s.group_by_length else "random",
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    peft_cfg = lora_config(s.lora) if s.finetuning == "lora" else None
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=peft_cfg,
+                         callbacks=[JsonlLogCallback(out / "trainer_log.jsonl"), NanGuardCallback(),
+                                    *callbacks])
+    return trainer
+
+
+def run_sft(s: SFTSettings, model=None, tokenizer=None, callbacks=()) -> dict:
+    """Train and return a flat result dict (losses, steps, tokens/s, paths)."""
+    trainer = build_trainer(s, model, tokenizer, callbacks)
+    out = Path(s.output_dir)
+    resume_from = None
+    if s.resume:
+        resume_from = last_checkpoint(out)
+        if resume_from:
+            log.info("resuming from checkpoint %s", resume_from)
+        else:
+            log.info("resume=true but no checkpoint in %s: starting from scratch", out)
+    result: dict = {"output_dir": str(out), "resumed_from_step": 0}
+    if resume_from:
+        result["resumed_from_step"] = int(resume_from.name.split("-")[-1])
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    result.update(trainable_params=trainable, total_params=total)
+    if trainer.eval_dataset is not None and s.eval_before and not resume_from:
+        result["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+    t0 = time.time()
+    train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    wall = time.time() - t0
+    metrics = train_out.metrics
+    result["train_loss"] = metrics.get("train_loss")
+    result["global_step"] = trainer.state.global_step
+    result["train_runtime_s"] = round(wall, 2)
+    tokens = trainer.state.num_input_tokens_seen
+    result["tokens_seen"] = int(tokens)
+    if not resume_from and wall > 0:
+        result["tokens_per_s"] = round(tokens / wall, 1)
+    if trainer.eval_dataset is not None:
+        result["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+    if result.get("train_loss") is not None and not math.isfinite(result["train_loss"]):
+        from ..errors import TrainingDiverged
+
+        raise TrainingDiverged(f"training ended with a non-finite loss ({result['train_loss']})")
+    if s.save_final:
+        trainer.save_model(str(out / "final"))
+        trainer.processing_class.save_pretrained(str(out / "final"))
+        result["final_dir"] = str(out / "final")
+    plot_loss(out / "trainer_log.jsonl", out / "loss.png", title=f"SFT {s.model}")
+    atomic_write_json(out / "result.json", result)
+    result["trainer"] = trainer
+    return result
+
+
+def check_data_nonempty(n: int, source: str) -> None:
+    if n == 0:
+        raise DataError(f"{source}: no training examples left")
