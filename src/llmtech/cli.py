@@ -64,25 +64,32 @@ def lab_run_all(quick: bool = typer.Option(False, "--quick"),
                 lesson: Optional[int] = typer.Option(None, "--lesson", help="only this lesson"),
                 out: Path = typer.Option(Path("runs"), "--out")) -> None:
     """Run every built lab in order; a failing lab does not stop the others."""
+    from . import labs, report
+
+    ids = [lab.id for lab in labs.LABS if not lesson or lab.id.startswith(f"L{lesson}.")]
+    results = labs.run_labs(ids, quick, out)
+    typer.echo("\n" + labs.markdown_table(results))
+    report.build_report(out)
+    if any(r["result"].startswith("FAILED") for r in results):
+        raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo(out: Path = typer.Option(Path("runs/demo"), "--out"),
+         full: bool = typer.Option(False, "--full", help="full runs instead of quick mode")) -> None:
+    """The Lesson 1 path end to end on the bundled model: data -> LoRA SFT -> eval -> CPU deploy."""
     import time
 
     from . import labs, report
 
-    results = []
-    for lab in labs.LABS:
-        if lesson and not lab.id.startswith(f"L{lesson}."):
-            continue
-        if not lab.built:
-            results.append((lab.id, "not built yet", 0.0))
-            continue
-        t0 = time.time()
-        rc = labs.run_lab_subprocess(lab, quick, out / lab.id, [])
-        results.append((lab.id, "ok" if rc == 0 else f"FAILED (exit {rc})", time.time() - t0))
-    typer.echo("\nlab     result            seconds")
-    for lab_id, res, secs in results:
-        typer.echo(f"{lab_id:7} {res:17} {secs:7.1f}")
-    report.build_report(out)
-    if any(r[1].startswith("FAILED") for r in results):
+    t0 = time.time()
+    results = labs.run_labs(labs.DEMO_LABS, not full, out)
+    typer.echo("\n== llmtech demo: results ==\n")
+    typer.echo(labs.markdown_table(results))
+    typer.echo(labs.markdown_table(labs.headline_rows(out, labs.DEMO_LABS)))
+    path = report.build_report(out)
+    typer.echo(f"total {time.time() - t0:.0f}s; report -> {path}")
+    if any(r["result"] != "ok" for r in results):
         raise typer.Exit(1)
 
 
@@ -151,7 +158,9 @@ def train_sft(config: Optional[Path] = typer.Option(None, "--config", help="YAML
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int) and rc != 0:  # typer.Exit(code) comes back as a return value
+            sys.exit(rc)
     except LlmtechError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -281,6 +281,36 @@ def run_lab_subprocess(lab: Lab, quick: bool, out: Path | None, overrides: list[
     return subprocess.call(cmd, cwd=str(ROOT))
 
 
+DEMO_LABS = ["L1.02", "L1.05", "L1.06"]  # data pipeline -> LoRA SFT + held-out eval -> CPU deploy
+
+
+def run_labs(ids: list[str], quick: bool, out: Path) -> list[dict]:
+    """Run labs one after another (a failure does not stop the rest); one result row each."""
+    rows = []
+    for lab_id in ids:
+        lab = get_lab(lab_id)
+        if not lab.built:
+            rows.append({"lab": lab.id, "result": "not built yet", "seconds": 0.0})
+            continue
+        t0 = time.time()
+        rc = run_lab_subprocess(lab, quick, out / lab.id, [])
+        rows.append({"lab": lab.id, "result": "ok" if rc == 0 else f"FAILED (exit {rc})",
+                     "seconds": round(time.time() - t0, 1)})
+    return rows
+
+
+def headline_rows(out: Path, ids: list[str]) -> list[dict]:
+    """One row per lab with its headline metrics, for the printed results table."""
+    rows = []
+    for lab_id in ids:
+        m = load_metrics(out / lab_id)
+        if not m:
+            continue
+        for h in [x for x in str(m.get("headline", "")).split(",") if x]:
+            rows.append({"lab": lab_id, "metric": h, "value": m.get(h)})
+    return rows
+
+
 def load_metrics(run_dir: Path) -> dict[str, Any] | None:
     f = run_dir / "metrics.json"
     if not f.exists():

@@ -1,0 +1,28 @@
+"""Shared bits of the benchmark scripts: settings, output, the CPU lock."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+OUT = ROOT / "runs" / "bench"
+TRAIN = str(ROOT / "data" / "support" / "sft_train.jsonl")
+
+
+def save(name: str, result: dict) -> Path:
+    from llmtech.io import atomic_write_json
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    result = {"bench": name, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **result}
+    path = atomic_write_json(OUT / f"{name}.json", result)
+    print(json.dumps(result, ensure_ascii=False, indent=2))
+    return path
+
+
+def row(label: str, value: float, baseline: float, unit: str, target: str = "") -> str:
+    ratio = value / baseline if baseline else float("nan")
+    return f"{label:38} {value:10.1f} {unit:9} ratio {ratio:5.2f}x  {target}"
