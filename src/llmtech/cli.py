@@ -136,6 +136,40 @@ def data_validate(path: str, fmt: str = typer.Option("auto", "--format",
                           ensure_ascii=False))
 
 
+@data_app.command("clean", context_settings={"allow_extra_args": True})
+def data_clean(src: str = typer.Argument(..., metavar="IN"), out: Path = typer.Argument(..., metavar="OUT"),
+               config: Optional[Path] = typer.Option(None, "--config", help="YAML config"),
+               fmt: str = typer.Option("auto", "--format", help="alpaca | sharegpt | preference | kto | auto"),
+               overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Normalise, mask PII, filter by length/language, dedup (exact + MinHash); write JSONL."""
+    from . import data
+    from .config import load_config
+    from .io import atomic_write_jsonl
+
+    cfg = load_config(data.CleanDedupConfig, config, overrides or [])
+    kept, report = data.clean_and_dedup(data.load(src, fmt=fmt), cfg)
+    atomic_write_jsonl(out, kept)
+    typer.echo(json.dumps({"in": src, "out": str(out), **report}, ensure_ascii=False, indent=2))
+
+
+@data_app.command("convert", context_settings={"allow_extra_args": True})
+def data_convert(docs: Path = typer.Argument(..., metavar="DOCS_DIR"), out: Path = typer.Argument(..., metavar="OUT"),
+                 lang: Optional[str] = typer.Option(None, "--lang", help="zh | en | auto (default: per document)"),
+                 config: Optional[Path] = typer.Option(None, "--config", help="YAML config"),
+                 overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Documents (.md .txt .html .pdf .docx) -> alpaca instruction data, one record per section."""
+    from .config import load_config
+    from .data.docs import ConvertConfig, documents_to_instructions, load_documents
+    from .io import atomic_write_jsonl
+
+    cfg = load_config(ConvertConfig, config, list(overrides or []) + ([f"lang={lang}"] if lang else []))
+    documents = load_documents(docs)
+    records = documents_to_instructions(documents, cfg)
+    atomic_write_jsonl(out, records)
+    typer.echo(json.dumps({"documents": len(documents), "sections": sum(len(d.sections) for d in documents),
+                           "records": len(records), "out": str(out)}, ensure_ascii=False))
+
+
 # --------------------------------------------------------------------------- train
 
 @train_app.command("sft", context_settings={"allow_extra_args": True})

@@ -51,10 +51,16 @@ def read_records(source: str | Path, split: str = "train") -> list[tuple[str, di
     if suffix == ".jsonl":
         return _read_jsonl(text, str(path))
     if suffix == ".json":
-        stripped = text.lstrip()
-        if stripped.startswith("[") or (stripped.startswith("{") and "\n{" not in stripped.strip()):
-            return _read_json(text, str(path))
-        return _read_jsonl(text, str(path))  # JSON Lines saved as .json
+        try:
+            json.loads(text)
+        except json.JSONDecodeError:
+            first = next((ln for ln in text.splitlines() if ln.strip()), "")
+            try:
+                json.loads(first)
+            except json.JSONDecodeError:
+                return _read_json(text, str(path))  # reports where the JSON is malformed
+            return _read_jsonl(text, str(path))  # JSON Lines saved as .json
+        return _read_json(text, str(path))
     if suffix in (".csv", ".tsv"):
         return _read_csv(text, str(path), delimiter="\t" if suffix == ".tsv" else ",")
     raise DataError(f"{path}: unsupported data file type '{suffix}' (use .json, .jsonl, .csv, .parquet)")
