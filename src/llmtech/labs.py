@@ -150,7 +150,7 @@ class LabContext:
             md = f"### {title}\n\n{md}"
         self.sections.append(md)
         if show:
-            print(("\n" + title + "\n" if title else "\n") + md, flush=True)
+            print("\n" + md, flush=True)
         return md
 
     def figure(self, fig, name: str, caption: str = "") -> Path:

@@ -81,3 +81,49 @@ def plot_loss(log_path: str | Path, out_png: str | Path, title: str = "loss") ->
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return Path(out_png)
+
+
+def loss_figure(runs: dict[str, str | Path], eval_loss: bool = True, title: str = "loss"):
+    """One matplotlib figure with the train (and eval) loss curves of several runs' logs.
+
+    ``runs`` maps a label to a ``trainer_log.jsonl`` path; returns the figure (caller saves it).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, path in runs.items():
+        rows = read_log(path)
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+        if train:
+            line, = ax.plot(*zip(*train), label=f"{label} train loss")
+            if eval_loss and ev:
+                ax.plot(*zip(*ev), "o--", color=line.get_color(), label=f"{label} eval loss")
+        elif eval_loss and ev:
+            ax.plot(*zip(*ev), "o--", label=f"{label} eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def read_tensorboard_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Read every scalar back from the TensorBoard event files under ``log_dir``.
+
+    Returns ``{tag: [(step, value), ...]}`` (e.g. ``"train/loss"``, ``"eval/loss"``), the same
+    numbers the TensorBoard web page draws.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for run_dir in sorted({p.parent for p in Path(log_dir).rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0 = keep all
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out

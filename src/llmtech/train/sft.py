@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Literal
+
+import torch
 
 from ..config import StrictModel
 from ..errors import ConfigError, DataError
@@ -125,7 +128,8 @@ def build_trainer(s: SFTSettings, model=None, tokenizer=None, callbacks=()):
         seed=s.seed,
         data_seed=s.seed,
         bf16=s.bf16,
-        gradient_checkpointing=s.gradient_checkpointing,
+        activation_checkpointing=s.gradient_checkpointing,
+        use_cpu=not torch.cuda.is_available(),  # lets bf16 autocast run on a CPU
         deepspeed=s.deepspeed,
         report_to=["tensorboard"] if s.tensorboard else "none",
         max_length=s.max_length,
@@ -137,6 +141,10 @@ def build_trainer(s: SFTSettings, model=None, tokenizer=None, callbacks=()):
         disable_tqdm=False,
     )
     peft_cfg = lora_config(s.lora) if s.finetuning == "lora" else None
+    if s.tensorboard:
+        # transformers 5 takes TensorBoard's folder from this variable (read when the callback is
+        # built, inside SFTTrainer.__init__); otherwise it invents output_dir/runs/<date_host>.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_cfg,
                          callbacks=[JsonlLogCallback(out / "trainer_log.jsonl"), NanGuardCallback(),
@@ -190,6 +198,36 @@ def run_sft(s: SFTSettings, model=None, tokenizer=None, callbacks=()) -> dict:
     return result
 
 
-def check_data_nonempty(n: int, source: str) -> None:
-    if n == 0:
-        raise DataError(f"{source}: no training examples left")
+# --------------------------------------------------------------------------- looking inside
+
+def loss_token_counts(trainer, batch_size: int = 32) -> dict:
+    """How many real (non-padding) training tokens carry loss, exactly as the collator labels them.
+
+    A token carries loss when it is a next-token target: ``labels[1:] != -100`` (the model's
+    loss shifts labels by one, so the first token of a sequence is never a target).
+    """
+    ds, collate = trainer.train_dataset, trainer.data_collator
+    loss_tokens = real_tokens = 0
+    for i in range(0, len(ds), batch_size):
+        batch = collate([ds[j] for j in range(i, min(i + batch_size, len(ds)))])
+        loss_tokens += int((batch["labels"][:, 1:] != -100).sum())
+        real_tokens += int(batch["attention_mask"].sum())
+    return {"loss_tokens": loss_tokens, "real_tokens": real_tokens,
+            "share": loss_tokens / max(real_tokens, 1), "examples": len(ds)}
+
+
+def format_loss_mask(tokenizer, input_ids, loss_mask, mark: tuple[str, str] = ("⟦", "⟧")) -> str:
+    """Decode ``input_ids`` with the spans whose ``loss_mask`` is true wrapped in ``mark``.
+
+    ``loss_mask`` holds one truthy/falsy value per token (e.g. ``[l != -100 for l in labels]``).
+    """
+    ids, flags = [int(x) for x in input_ids], [bool(x) for x in loss_mask]
+    if len(ids) != len(flags):
+        raise ValueError(f"{len(ids)} tokens but {len(flags)} mask values")
+    parts, start = [], 0
+    for k in range(1, len(ids) + 1):
+        if k == len(ids) or flags[k] != flags[start]:
+            text = tokenizer.decode(ids[start:k], skip_special_tokens=False)
+            parts.append(f"{mark[0]}{text}{mark[1]}" if flags[start] else text)
+            start = k
+    return "".join(parts)
