@@ -37,6 +37,9 @@ class ModelSpec:
     kind: str  # "lm" | "embedder"
     source: str  # "bundled-gguf" | "tiny" | "bundled-st" | remote id ("hf:..." / "ms:...")
     description: str
+    # Models whose code ships with the weights (ChatGLM...) need transformers' trust_remote_code:
+    # it runs Python from the model folder, so it is only on for registry entries that need it.
+    trust_remote_code: bool = False
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -53,7 +56,8 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec("qwen2.5-0.5b", "lm", "ms:Qwen/Qwen2.5-0.5B-Instruct",
                   "Qwen2.5-0.5B-Instruct from ModelScope (needs network or a local cache)"),
         ModelSpec("chatglm3-6b", "lm", "ms:ZhipuAI/chatglm3-6b",
-                  "ChatGLM3-6B from ModelScope (GPU recommended; needs network or a cache)"),
+                  "ChatGLM3-6B from ModelScope (GPU recommended; needs network or a cache)",
+                  trust_remote_code=True),
         ModelSpec("bge-small-zh", "embedder", "ms:BAAI/bge-small-zh-v1.5",
                   "BAAI bge-small-zh-v1.5 Chinese embedder from ModelScope"),
     ]
@@ -173,12 +177,22 @@ def _prepare_smollm2() -> Path:
 
 # --------------------------------------------------------------------------- loading
 
-def load_tokenizer(model_id: str = DEFAULT_LM):
+def trust_remote_code_for(model_id: str, trust_remote_code: bool | None) -> bool:
+    """An explicit choice wins; otherwise the registry entry decides (default False)."""
+    if trust_remote_code is not None:
+        return bool(trust_remote_code)
+    spec = REGISTRY.get(model_id)
+    return bool(spec and spec.trust_remote_code)
+
+
+def load_tokenizer(model_id: str = DEFAULT_LM, trust_remote_code: bool | None = None):
     from transformers import AutoTokenizer
 
     path = resolve(model_id)
+    remote = trust_remote_code_for(model_id, trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(path, **_gguf_kwargs(path))
+        tok = AutoTokenizer.from_pretrained(path, **_gguf_kwargs(path),
+                                            **({"trust_remote_code": True} if remote else {}))
     except Exception as e:  # noqa: BLE001
         raise ModelNotAvailable(f"cannot load a tokenizer for '{model_id}' from {path}: {e}") from None
     if tok.pad_token is None:
@@ -186,19 +200,27 @@ def load_tokenizer(model_id: str = DEFAULT_LM):
     return tok
 
 
-def load_lm(model_id: str = DEFAULT_LM, dtype: str = "float32", seed: int = 0):
-    """Return ``(model, tokenizer)`` for a causal LM id (see module docstring)."""
+def load_lm(model_id: str = DEFAULT_LM, dtype: str = "float32", seed: int = 0,
+            trust_remote_code: bool | None = None):
+    """Return ``(model, tokenizer)`` for a causal LM id (see module docstring).
+
+    ``trust_remote_code``: None = as the registry entry says (True only for models such as
+    ChatGLM whose modelling code ships with the weights); True/False overrides it.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    tok = load_tokenizer(model_id)
+    tok = load_tokenizer(model_id, trust_remote_code)
+    remote = trust_remote_code_for(model_id, trust_remote_code)
     torch_dtype = getattr(torch, dtype)
     if REGISTRY.get(model_id) and REGISTRY[model_id].source == "tiny":
         model = build_tiny_llama(tok, seed=seed).to(torch_dtype)
         return model, tok
     path = resolve(model_id)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **_gguf_kwargs(path))
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, **_gguf_kwargs(path),
+            **({"trust_remote_code": True} if remote else {}))
     except Exception as e:  # noqa: BLE001
         raise ModelNotAvailable(f"cannot load model '{model_id}' from {path}: {e}") from None
     if model.generation_config.pad_token_id is None:

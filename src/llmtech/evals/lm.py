@@ -43,7 +43,8 @@ def masked_nll(model, tokenizer, batch_examples: list[dict], batch_size: int = 8
             ids[j, :n] = torch.tensor(e["input_ids"])
             att[j, :n] = 1
             tgt[j, :n] = torch.tensor(e["target_mask"], dtype=torch.bool)
-        logits = model(input_ids=ids, attention_mask=att).logits.float()
+        dev = model.device
+        logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits.float().cpu()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         tok_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         m = tgt[:, 1:]
@@ -84,7 +85,8 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
         for i in range(0, len(conversations), batch_size):
             texts = [render_chat(tokenizer, c, add_generation_prompt=True)
                      for c in conversations[i:i + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(texts, return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id)
@@ -93,3 +95,22 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     finally:
         tokenizer.padding_side = old_side
     return outs
+
+
+@torch.no_grad()
+def logits_per_text(model, tokenizer, texts: Iterable[str], max_length: int = 256) -> list[torch.Tensor]:
+    """Logits (on the CPU, float32) of each text run on its own, without padding — for checking
+    that two models (say an adapter model and its merged copy) compute the same function."""
+    model.eval()
+    out = []
+    for t in texts:
+        ids = tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_length]
+        out.append(model(input_ids=ids.to(model.device)).logits[0].float().cpu())
+    return out
+
+
+def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Largest absolute difference between two lists of same-shaped tensors."""
+    if len(a) != len(b):
+        raise ValueError(f"different numbers of tensors: {len(a)} vs {len(b)}")
+    return max((float((x - y).abs().max()) for x, y in zip(a, b)), default=0.0)
