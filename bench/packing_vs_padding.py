@@ -17,7 +17,7 @@ def measure(model, steps, batch, max_length, **kw):
     with tempfile.TemporaryDirectory() as d:
         s = SFTSettings(model=model, train_file=TRAIN, eval_file=None, output_dir=d, max_steps=steps,
                         batch_size=batch, max_length=max_length, save_steps=10**6, save_final=False,
-                        logging_steps=10, lr_scheduler="constant", **kw)
+                        logging_steps=10, lr_scheduler="constant", bf16=False, **kw)
         return run_sft(s)["tokens_per_s"]
 
 

@@ -29,7 +29,7 @@ class Config(labs.LabConfig):
     test_file: str = "data/support/sft_test.jsonl"
     trust_remote_code: bool | None = None  # None = 按模型注册表（chatglm3-6b 为 True）
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # GPU 上可用 bfloat16
-    bf16: bool = False                     # 训练时 bf16 混合精度（GPU）
+    bf16: bool | None = None               # 训练时 bf16 自动混合精度；None = 硬件原生支持时开启
     max_train_samples: int | None = None
     eval_samples: int | None = 24          # None = 全部测试集
     steps: int = 56
