@@ -73,12 +73,18 @@ def decode_bytes(raw: bytes, source: str = "<bytes>") -> tuple[str, str]:
     )
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """Read a text file whatever its common encoding; errors name the file."""
+def existing_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` as a Path if it is an existing file; otherwise a DataError that names it."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: {what} not found")
     if path.is_dir():
-        raise DataError(f"{path}: is a directory, expected a file")
+        raise DataError(f"{path}: is a directory, expected a {what}")
+    return path
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """Read a text file whatever its common encoding; errors name the file."""
+    path = existing_file(path)
     text, _ = decode_bytes(path.read_bytes(), str(path))
     return text

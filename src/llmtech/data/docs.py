@@ -26,7 +26,7 @@ from typing import Literal
 
 from ..config import StrictModel
 from ..errors import DataError
-from ..io import decode_bytes
+from ..io import decode_bytes, existing_file
 from . import templates as T
 from .clean import HAN, detect_lang, normalize_text
 
@@ -71,11 +71,7 @@ class Document:
 def load_document(path: str | Path, relative_to: str | Path | None = None) -> Document:
     """Read one document; errors name the file. ``source`` is the path as given, or relative
     to ``relative_to``."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory, expected a document file")
+    path = existing_file(path, "document file")
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED:
         raise DataError(f"{path}: unsupported document type '{suffix or '(none)'}' "

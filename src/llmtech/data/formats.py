@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import DataError
-from ..io import decode_bytes
+from ..io import decode_bytes, existing_file
 
 FORMATS: dict[str, dict[str, list[str]]] = {
     "alpaca": {"required": ["instruction", "output"], "optional": ["input", "system", "history"]},
@@ -36,11 +36,7 @@ def read_records(source: str | Path, split: str = "train") -> list[tuple[str, di
         return _read_hub(s[3:], split, hub="hf")
     if s.startswith("ms:"):
         return _read_hub(s[3:], split, hub="ms")
-    path = Path(s)
-    if not path.exists():
-        raise DataError(f"{path}: data file not found")
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory; pass a .json/.jsonl/.csv/.parquet file")
+    path = existing_file(s, "data file")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _read_parquet(path)
