@@ -84,23 +84,25 @@ def test_cli_bad_inputs_exit_cleanly(tmp_path):
 def test_kill_and_resume_continues_from_checkpoint(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "llmtech.cli", "train", "sft", "model=tiny-llama", f"train_file={TRAIN}",
-            "eval_file=null", "max_train_samples=64", "max_steps=30", "save_steps=4", "save_total_limit=3",
+            "eval_file=null", "max_train_samples=64", "max_steps=60", "save_steps=4", "save_total_limit=null",
             "logging_steps=1", "batch_size=2", "max_length=64", f"output_dir={out}"]
     p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not (out / "checkpoint-8").exists():
-        time.sleep(0.5)
-    time.sleep(1.0)
+    while time.time() < deadline and p.poll() is None and not (out / "checkpoint-8/trainer_state.json").exists():
+        time.sleep(0.1)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert (out / "checkpoint-8").exists(), "no checkpoint appeared before the kill"
     assert not (out / "result.json").exists(), "the run finished before it could be killed"
+    # a checkpoint folder left half-written by the kill must not be picked for resuming
+    (out / "checkpoint-999").mkdir()
     r = subprocess.run(args + ["resume=true"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "result.json").read_text())
-    assert res["resumed_from_step"] >= 8 and res["global_step"] == 30
+    assert res["resumed_from_step"] >= 8 and res["global_step"] == 60
     steps = [x["step"] for x in read_log(out / "trainer_log.jsonl") if "loss" in x]
-    assert steps == sorted(set(steps)) and steps[-1] == 30  # no step logged twice
+    assert steps == sorted(set(steps)) and steps[-1] == 60  # no step logged twice
+    assert steps[0] == 1 and len(steps) == 60  # and none lost
 
 
 @pytest.mark.slow

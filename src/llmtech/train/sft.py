@@ -56,7 +56,7 @@ class SFTSettings(StrictModel):
     logging_steps: int = 5
     eval_steps: int | None = None
     save_steps: int = 50
-    save_total_limit: int = 2
+    save_total_limit: int | None = 2  # None = keep every checkpoint
     seed: int = 0
     # None = auto: bf16 autocast where the hardware has native bf16 (CUDA with bf16, or a CPU with
     # AVX-512 BF16 / AMX). Measured here by bench/bf16_vs_fp32.py: 1.52x fp32 tokens/s, loss curves
@@ -102,13 +102,17 @@ def build_datasets(s: SFTSettings):
 
 
 def last_checkpoint(output_dir: str | Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """Newest complete checkpoint (one whose trainer_state.json was written; a run killed while
+    saving leaves an incomplete folder behind, which is skipped)."""
     p = Path(output_dir)
     if not p.is_dir():
         return None
-    ck = get_last_checkpoint(str(p))
-    return Path(ck) if ck else None
+    found = []
+    for d in p.glob("checkpoint-*"):
+        step = d.name.split("-")[-1]
+        if d.is_dir() and step.isdigit() and (d / "trainer_state.json").exists():
+            found.append((int(step), d))
+    return max(found)[1] if found else None
 
 
 def _lean_trainer_class():
