@@ -8,18 +8,15 @@ The faster one should be the default only where the loss curves agree within 2%.
 import argparse
 import tempfile
 
-from common import TRAIN, save
+from common import bench_settings, save
 
 from llmtech.train.callbacks import read_log
-from llmtech.train.sft import SFTSettings, run_sft
+from llmtech.train.sft import run_sft
 
 
 def measure(model, steps, batch, max_length, bf16):
     with tempfile.TemporaryDirectory() as d:
-        s = SFTSettings(model=model, train_file=TRAIN, eval_file=None, output_dir=d, max_steps=steps,
-                        batch_size=batch, max_length=max_length, save_steps=10**6, save_final=False,
-                        logging_steps=1, bf16=bf16, lr_scheduler="constant", seed=0)
-        r = run_sft(s)
+        r = run_sft(bench_settings(d, model, steps, batch, max_length, bf16=bf16, logging_steps=1))
         losses = [x["loss"] for x in read_log(f"{d}/trainer_log.jsonl") if "loss" in x]
         return r["tokens_per_s"], losses
 

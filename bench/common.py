@@ -26,3 +26,16 @@ def save(name: str, result: dict) -> Path:
 def row(label: str, value: float, baseline: float, unit: str, target: str = "") -> str:
     ratio = value / baseline if baseline else float("nan")
     return f"{label:38} {value:10.1f} {unit:9} ratio {ratio:5.2f}x  {target}"
+
+
+def bench_settings(output_dir: str, model: str, steps: int, batch: int, max_length: int, **kw):
+    """SFT settings shared by the benchmarks: training only (no eval, no saves), constant LR,
+    fp32 unless a benchmark says otherwise, so arms differ only in what is being compared."""
+    from llmtech.train.sft import SFTSettings
+
+    base = dict(model=model, train_file=TRAIN, eval_file=None, output_dir=output_dir,
+                max_steps=steps, batch_size=batch, max_length=max_length, save_steps=10**6,
+                save_final=False, logging_steps=10, lr_scheduler="constant", eval_before=False,
+                bf16=False)
+    base.update(kw)
+    return SFTSettings(**base)

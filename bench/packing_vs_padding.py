@@ -8,17 +8,14 @@ Target: packing or length-grouping >= 1.3x padded batches.
 import argparse
 import tempfile
 
-from common import TRAIN, save
+from common import bench_settings, save
 
-from llmtech.train.sft import SFTSettings, run_sft
+from llmtech.train.sft import run_sft
 
 
 def measure(model, steps, batch, max_length, **kw):
     with tempfile.TemporaryDirectory() as d:
-        s = SFTSettings(model=model, train_file=TRAIN, eval_file=None, output_dir=d, max_steps=steps,
-                        batch_size=batch, max_length=max_length, save_steps=10**6, save_final=False,
-                        logging_steps=10, lr_scheduler="constant", bf16=False, **kw)
-        return run_sft(s)["tokens_per_s"]
+        return run_sft(bench_settings(d, model, steps, batch, max_length, **kw))["tokens_per_s"]
 
 
 def main():

@@ -15,12 +15,12 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from common import TRAIN, save
+from common import TRAIN, bench_settings, save
 
 from llmtech import data, models
 from llmtech.evals.lm import encode_chat_example
 from llmtech.train.lora import LoraSettings, lora_config
-from llmtech.train.sft import SFTSettings, run_sft
+from llmtech.train.sft import run_sft
 
 
 class StepTimer(TrainerCallback):
@@ -73,11 +73,9 @@ def main():
     plain = plain_loop(a.model, records, a.steps, a.batch, a.length, 2e-4, 0)
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as d:
-        s = SFTSettings(model=a.model, train_file=TRAIN, eval_file=None, max_train_samples=len(records),
-                        output_dir=d, max_steps=a.steps, batch_size=a.batch, max_length=a.length,
-                        pad_to_multiple_of=a.length, learning_rate=2e-4, save_steps=10**6,
-                        save_final=False, logging_steps=10, lr_scheduler="constant", eval_before=False,
-                        bf16=False)  # same precision as the plain loop (fp32)
+        # same precision (fp32) and fixed-shape batches as the plain loop
+        s = bench_settings(d, a.model, a.steps, a.batch, a.length, max_train_samples=len(records),
+                           pad_to_multiple_of=a.length, learning_rate=2e-4)
         run_sft(s, callbacks=[timer])
     ours = (a.steps - 1) * a.batch / (timer.times[-1] - timer.times[0])
     ratio = ours / plain

@@ -1,7 +1,7 @@
 import json
 import textwrap
 
-from conftest import ROOT, run_cli, run_script
+from conftest import run_cli, run_script
 from llmtech import labs, report
 
 

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from conftest import ROOT, run_script
-from llmtech import models
 from llmtech.compress import quantize as q
 from llmtech.evals import speed
 

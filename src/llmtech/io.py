@@ -44,6 +44,23 @@ def atomic_write_jsonl(path: str | os.PathLike, rows) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def atomic_savefig(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as PNG via a temp file + rename, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def decode_bytes(raw: bytes, source: str = "<bytes>") -> tuple[str, str]:
     """Decode bytes as UTF-8 (with or without BOM), else GB18030/GBK, else Big5.
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from .config import StrictModel, load_config
 from .errors import LlmtechError
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_savefig, atomic_write_json, atomic_write_text
 from .models import DEFAULT_LM
 
 ROOT = Path(__file__).resolve().parents[2]  # repository root (src layout)
@@ -155,13 +155,7 @@ class LabContext:
 
     def figure(self, fig, name: str, caption: str = "") -> Path:
         """Save a matplotlib figure as PNG next to metrics.json and link it in report.md."""
-        import matplotlib.pyplot as plt
-
-        path = self.out / name
-        tmp = path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-        plt.close(fig)
+        path = atomic_savefig(fig, self.out / name, dpi=110)
         self.sections.append(f"![{caption or name}]({name})\n")
         return path
 

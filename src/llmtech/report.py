@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .io import atomic_write_text
+from .io import atomic_savefig, atomic_write_text
 from .labs import LABS, load_metrics, markdown_table
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,4 @@ def _plot(rows: list[dict], runs: Path) -> Path | None:
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.tight_layout()
-    path = runs / "report_headlines.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return atomic_savefig(fig, runs / "report_headlines.png")

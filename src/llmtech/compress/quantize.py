@@ -30,7 +30,8 @@ from torch import nn
 
 from .. import models
 from ..errors import ModelNotAvailable
-from ..evals.lm import masked_nll
+from ..evals.lm import perplexity as lm_perplexity
+from ..evals.lm import token_windows  # noqa: F401  (re-exported: the GGUF path uses the same windows)
 
 log = logging.getLogger(__name__)
 
@@ -328,35 +329,14 @@ def eval_texts(pattern: str | None = None) -> tuple[list[str], str]:
     return list(FALLBACK_TEXTS), f"{len(FALLBACK_TEXTS)} built-in English paragraphs"
 
 
-def token_windows(tokenizer, texts: Sequence[str], window: int = 256,
-                  max_tokens: int | None = None) -> list[list[int]]:
-    """Tokenize each text and cut it into non-overlapping windows of at most ``window`` tokens."""
-    out: list[list[int]] = []
-    budget = max_tokens if max_tokens is not None else math.inf
-    for t in texts:
-        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
-        for i in range(0, len(ids), window):
-            w = ids[i:i + window][: int(min(window, budget))]
-            if len(w) >= 2:
-                out.append(w)
-                budget -= len(w)
-            if budget < 2:
-                return out
-    return out
-
-
 def perplexity(model, tokenizer, texts: Sequence[str], window: int = 256,
                max_tokens: int | None = None, batch_size: int = 4) -> float:
-    """Perplexity ``exp(mean next-token NLL)`` over fixed token windows of ``texts``.
-
-    ``model`` is a transformers model or a ``GGUFModel``; both score the same windows.
-    """
+    """Perplexity over fixed token windows of ``texts`` (``llmtech.evals.lm.perplexity``), for a
+    transformers model or a ``GGUFModel``; both score exactly the same windows."""
+    if not isinstance(model, GGUFModel):
+        return lm_perplexity(model, tokenizer, texts, window, max_tokens, batch_size)
     windows = token_windows(tokenizer, texts, window, max_tokens)
     if not windows:
         raise ValueError("perplexity needs at least one text with 2 or more tokens")
-    if isinstance(model, GGUFModel):
-        total, count = model.nll(windows)
-    else:
-        ex = [{"input_ids": w, "target_mask": [1] * len(w)} for w in windows]
-        total, count = masked_nll(model, tokenizer, ex, batch_size=batch_size)
+    total, count = model.nll(windows)
     return math.exp(total / max(count, 1))

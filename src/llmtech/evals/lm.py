@@ -61,14 +61,30 @@ def response_loss(model, tokenizer, conversations: Iterable[list[dict]], max_len
     return total / max(count, 1)
 
 
-def perplexity(model, tokenizer, texts: Iterable[str], max_length: int = 512,
-               batch_size: int = 8) -> float:
-    """Token-level perplexity of plain texts (every token after the first is scored)."""
-    ex = []
+def token_windows(tokenizer, texts: Iterable[str], window: int = 256,
+                  max_tokens: int | None = None) -> list[list[int]]:
+    """Tokenize each text and cut it into non-overlapping windows of at most ``window`` tokens."""
+    out: list[list[int]] = []
+    budget = max_tokens if max_tokens is not None else math.inf
     for t in texts:
-        ids = tokenizer(t, add_special_tokens=False)["input_ids"][:max_length]
-        if len(ids) >= 2:
-            ex.append({"input_ids": ids, "target_mask": [1] * len(ids)})
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+        for i in range(0, len(ids), window):
+            w = ids[i:i + window][: int(min(window, budget))]
+            if len(w) >= 2:
+                out.append(w)
+                budget -= len(w)
+            if budget < 2:
+                return out
+    return out
+
+
+def perplexity(model, tokenizer, texts: Iterable[str], window: int = 256,
+               max_tokens: int | None = None, batch_size: int = 8) -> float:
+    """Perplexity ``exp(mean next-token NLL)`` over fixed token windows of ``texts``."""
+    windows = token_windows(tokenizer, texts, window, max_tokens)
+    if not windows:
+        raise ValueError("perplexity needs at least one text with 2 or more tokens")
+    ex = [{"input_ids": w, "target_mask": [1] * len(w)} for w in windows]
     total, count = masked_nll(model, tokenizer, ex, batch_size)
     return math.exp(total / max(count, 1))
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from ..errors import TrainingDiverged
+from ..io import atomic_savefig, atomic_write_text
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -25,7 +26,7 @@ class JsonlLogCallback(TrainerCallback):
         if self.path.exists() and state.global_step > 0 and state.is_world_process_zero:
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
-            self.path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+            atomic_write_text(self.path, "".join(x + "\n" for x in kept))
         elif state.global_step == 0 and self.path.exists() and state.is_world_process_zero:
             self.path.unlink()
 
@@ -78,9 +79,7 @@ def plot_loss(log_path: str | Path, out_png: str | Path, title: str = "loss") ->
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return Path(out_png)
+    return atomic_savefig(fig, out_png)
 
 
 def loss_figure(runs: dict[str, str | Path], eval_loss: bool = True, title: str = "loss"):

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from ..config import StrictModel
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..io import atomic_write_json
 from ..models import DEFAULT_LM
 from .callbacks import JsonlLogCallback, NanGuardCallback, plot_loss
