@@ -21,10 +21,12 @@ lab_app = typer.Typer(no_args_is_help=True, help="List and run the course's 42 l
 models_app = typer.Typer(no_args_is_help=True, help="Model registry and the offline model cache.")
 data_app = typer.Typer(no_args_is_help=True, help="Validate, clean and convert datasets.")
 train_app = typer.Typer(no_args_is_help=True, help="Training stages (sft, ...).")
+rag_app = typer.Typer(no_args_is_help=True, help="Knowledge bases: index, ask, evaluate retrieval.")
 app.add_typer(lab_app, name="lab")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
+app.add_typer(rag_app, name="rag")
 
 OverridesArg = typer.Argument(None, help="key=value overrides")
 
@@ -187,10 +189,105 @@ def train_sft(config: Optional[Path] = typer.Option(None, "--config", help="YAML
     typer.echo(json.dumps(result, ensure_ascii=False, indent=2))
 
 
+# --------------------------------------------------------------------------- rag
+
+def _kb_path(name: str) -> Path:
+    """A bare name lives under $LLMTECH_KB_DIR (default ./kbs); anything path-like is a path."""
+    if "/" in name or os.sep in name or name.startswith("."):
+        return Path(name)
+    return Path(os.environ.get("LLMTECH_KB_DIR", "kbs")) / name
+
+
+@rag_app.command("index", context_settings={"allow_extra_args": True})
+def rag_index(docs: Path = typer.Option(..., "--docs", help="folder of documents"),
+              kb: str = typer.Option(..., "--kb", help="knowledge-base name or folder"),
+              config: Optional[Path] = typer.Option(None, "--config", help="YAML KBConfig (new KB only)"),
+              full: bool = typer.Option(False, "--full", help="re-chunk and re-embed everything"),
+              overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Create or incrementally update a knowledge base from a folder of documents."""
+    from .config import load_config
+    from .rag.kb import KBConfig, KnowledgeBase
+
+    path = _kb_path(kb)
+    if (path / "kb.json").exists():
+        if config or overrides:
+            raise LlmtechError(f"{path} exists and keeps the config it was built with; "
+                               "use a new --kb to change chunking, embedder or store")
+        base = KnowledgeBase.open(path)
+    else:
+        base = KnowledgeBase.create(path, load_config(KBConfig, config, overrides or []))
+    report = base.update(docs, mode="full" if full else "incremental")
+    summary = report.summary()
+    out = {"kb": str(path), **{k: summary[k] for k in ("n_added", "n_updated", "n_unchanged", "n_deleted")},
+           "skipped": summary["skipped"], "chunks": report.chunks_total,
+           "embedded": report.embedded, "embed_cached": report.embed_cached,
+           "seconds": round(report.seconds, 2), "consistent": base.consistent()}
+    base.close()
+    typer.echo(json.dumps(out, ensure_ascii=False, indent=2))
+
+
+@rag_app.command("ask")
+def rag_ask(question: str = typer.Argument(...),
+            kb: str = typer.Option(..., "--kb", help="knowledge-base name or folder"),
+            k: int = typer.Option(4, "--k", help="passages given to the model"),
+            mode: str = typer.Option("hybrid", "--mode", help="hybrid | dense | bm25"),
+            rerank: Optional[str] = typer.Option(None, "--rerank", help="llm | llm:<model> | <cross-encoder id>"),
+            model: Optional[str] = typer.Option(None, "--model", help="generator model id"),
+            json_out: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Answer a question from a knowledge base, citing its sources as [n]."""
+    from .models import DEFAULT_LM
+    from .rag.generate import Generator
+    from .rag.kb import KnowledgeBase
+    from .rag.rerank import make_reranker
+
+    base = KnowledgeBase.open(_kb_path(kb))
+    reranker = make_reranker(rerank)
+    passages = base.search(question, k=max(k, 10) if reranker else k, mode=mode)
+    if reranker:
+        passages = reranker.rerank(question, passages, top=k)
+    answer = Generator(model or DEFAULT_LM).answer(question, passages)
+    base.close()
+    sources = [{"n": i, "doc_id": p.doc_id, "chunk_id": p.id, "score": round(p.score, 4),
+                "text": p.text} for i, p in enumerate(passages, 1)]
+    if json_out:
+        typer.echo(json.dumps({"question": question, "answer": answer.text, "refused": answer.refused,
+                               "citations": answer.citations, "sources": sources},
+                              ensure_ascii=False, indent=2))
+        return
+    typer.echo(answer.text)
+    for s in sources:
+        mark = "*" if s["n"] in answer.citations else " "
+        typer.echo(f"{mark}[{s['n']}] {s['doc_id']}  {s['text'][:80]!r}")
+
+
+@rag_app.command("eval")
+def rag_eval(beir: Path = typer.Option(..., "--beir", help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/"),
+             retriever: str = typer.Option("hybrid", "--retriever", help="bm25 | dense | hybrid"),
+             rerank: Optional[str] = typer.Option(None, "--rerank", help="llm | llm:<model> | <cross-encoder id>"),
+             rerank_depth: int = typer.Option(20, "--rerank-depth"),
+             split: str = typer.Option("test", "--split"),
+             embedder: Optional[str] = typer.Option(None, "--embedder", help="embedder id (default minilm-l6)"),
+             max_queries: Optional[int] = typer.Option(None, "--max-queries", help="first N judged queries"),
+             no_cache: bool = typer.Option(False, "--no-cache", help="do not use the embedding cache")) -> None:
+    """Evaluate a retriever on a BEIR-format folder; prints JSON (ndcg@10, recall@100, mrr@10, ...)."""
+    from .rag.beir import evaluate_beir, load_beir
+
+    data = load_beir(beir, split)
+    if max_queries:
+        keep = list(data.queries)[:max_queries]
+        data.queries = {q: data.queries[q] for q in keep}
+        data.qrels = {q: data.qrels[q] for q in keep}
+    result = evaluate_beir(data, retriever=retriever, embedder=embedder, rerank=rerank,
+                           rerank_depth=rerank_depth, cache=not no_cache)
+    typer.echo(json.dumps(result, ensure_ascii=False, indent=2))
+
+
 # --------------------------------------------------------------------------- entry point
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("faiss.loader", "bm25s", "jieba", "httpx", "chromadb"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         rc = app(args=argv, standalone_mode=False)
         if isinstance(rc, int) and rc != 0:  # typer.Exit(code) comes back as a return value

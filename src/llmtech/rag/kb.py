@@ -1,0 +1,340 @@
+"""A persistent knowledge base: documents → chunks → vectors + BM25, updated incrementally.
+
+Folder layout::
+
+    <kb>/kb.json            the KBConfig it was built with
+    <kb>/docstore.sqlite    documents and chunks (the source of truth)
+    <kb>/embeddings.sqlite  embedding cache keyed by chunk-text hash
+    <kb>/vectors/           the vector store (FAISS by default)
+    <kb>/bm25/              the BM25 index
+
+How an update stays consistent when it is killed half-way:
+
+1. Read and chunk the documents; compare each document's content hash with the docstore to get
+   new / changed / unchanged / deleted documents. Nothing is written yet.
+2. Write all docstore changes in ONE SQLite transaction: it lands completely or not at all.
+3. ``sync``: make the vector store and BM25 agree with the docstore. Chunk ids contain the chunk's
+   content hash (``<doc>#<n>:<hash12>``), so a set difference tells exactly which vectors are
+   stale (delete) and which are missing (embed, cached, then add). The store is persisted last.
+
+A kill during 1 or 2 leaves the old docstore; during 3 a docstore the store does not match yet.
+Either way the next run (``open`` checks, ``update`` re-plans) ends with every document present
+once, and store, BM25 and docstore holding the same chunk ids.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from ..config import StrictModel
+from ..errors import ConfigError, DataError
+from ..io import atomic_write_json
+from ..models import DEFAULT_EMBEDDER
+from .bm25 import BM25Index
+from .chunking import ChunkConfig, chunk_text, text_hash
+from .loaders import MAX_BYTES, Skipped, scan
+from .retrieve import BM25Retriever, DenseRetriever, FusionSettings, HybridRetriever
+from .types import Passage
+
+Mode = Literal["hybrid", "dense", "bm25"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS docs (doc_id TEXT PRIMARY KEY, title TEXT, kind TEXT, hash TEXT,
+    n_chars INTEGER, n_chunks INTEGER, updated_at REAL);
+CREATE TABLE IF NOT EXISTS chunks (id TEXT PRIMARY KEY, doc_id TEXT, n INTEGER, text TEXT,
+    start INTEGER, "end" INTEGER, hash TEXT);
+CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id);
+"""
+
+
+class KBConfig(StrictModel):
+    embedder: str = DEFAULT_EMBEDDER
+    store: Literal["faiss", "chroma", "pgvector", "elasticsearch"] = "faiss"
+    store_options: dict[str, Any] = {}
+    chunk: ChunkConfig = ChunkConfig()
+    fusion: FusionSettings = FusionSettings()
+    batch_size: int = 64
+    max_file_bytes: int = MAX_BYTES
+
+
+@dataclass
+class IndexReport:
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    chunks_total: int = 0
+    chunks_added: int = 0
+    chunks_removed: int = 0
+    embedded: int = 0          # chunk texts run through the embedder
+    embed_cached: int = 0      # found in the embedding cache
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["skipped"] = [f"{s['source']}: {s['reason']}" for s in d["skipped"]]
+        for key in ("added", "updated", "unchanged", "deleted"):
+            d[f"n_{key}"] = len(d[key])
+        return d
+
+
+class KnowledgeBase:
+    def __init__(self, path: Path, config: KBConfig):
+        self.path, self.config = path, config
+        self.db = sqlite3.connect(path / "docstore.sqlite")
+        self.db.executescript(SCHEMA)
+        self._embedder = None
+        self._store = None
+        self._bm25: BM25Index | None = None
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def create(cls, path: str | Path, config: KBConfig | None = None) -> "KnowledgeBase":
+        path = Path(path)
+        if (path / "kb.json").exists():
+            raise ConfigError(f"{path} already holds a knowledge base; open it instead")
+        path.mkdir(parents=True, exist_ok=True)
+        config = config or KBConfig()
+        atomic_write_json(path / "kb.json", config.model_dump())
+        return cls(path, config)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "KnowledgeBase":
+        path = Path(path)
+        cfg_file = path / "kb.json"
+        if not cfg_file.exists():
+            raise DataError(f"{path}: no knowledge base here (run `llmtech rag index` first)")
+        try:
+            config = KBConfig.model_validate(json.loads(cfg_file.read_text(encoding="utf-8")))
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"{cfg_file}: not a valid knowledge-base config ({e})") from None
+        return cls(path, config)
+
+    @classmethod
+    def build(cls, path: str | Path, docs_dir: str | Path,
+              config: KBConfig | None = None) -> "KnowledgeBase":
+        """Create the knowledge base (or open the existing one) and bring it up to date."""
+        path = Path(path)
+        kb = cls.open(path) if (path / "kb.json").exists() else cls.create(path, config)
+        kb.last_report = kb.update(docs_dir)
+        return kb
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+        if self._embedder is not None and self._embedder.cache is not None:
+            self._embedder.cache.close()
+        self.db.close()
+
+    # ------------------------------------------------------------------ components
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from .embed import Embedder
+
+            self._embedder = Embedder(self.config.embedder, batch_size=self.config.batch_size,
+                                      cache=self.path / "embeddings.sqlite")
+        return self._embedder
+
+    @property
+    def store(self):
+        if self._store is None:
+            from .stores import load_store, make_store
+
+            kind, opts = self.config.store, dict(self.config.store_options)
+            if kind in ("faiss", "chroma"):
+                folder = self.path / "vectors"
+                exists = (folder / "store.json").exists() if kind == "faiss" else folder.exists()
+                if exists:
+                    self._store = load_store(kind, str(folder), **opts)
+                else:
+                    self._store = make_store(kind, self.embedder.dim, path=str(folder), **opts)
+            else:
+                self._store = make_store(kind, self.embedder.dim, **opts)
+            if self._store.dim != self.embedder.dim:
+                raise ConfigError(f"{self.path}: the {kind} store holds {self._store.dim}-d vectors "
+                                  f"but embedder {self.config.embedder} makes {self.embedder.dim}-d "
+                                  "ones; rebuild the knowledge base or use the original embedder")
+        return self._store
+
+    @property
+    def bm25(self) -> BM25Index:
+        if self._bm25 is None:
+            try:
+                self._bm25 = BM25Index.load(self.path / "bm25")
+            except Exception:  # noqa: BLE001 - missing or half-written: it is rebuilt by sync
+                self._bm25 = BM25Index()
+        return self._bm25
+
+    # ------------------------------------------------------------------ docstore reads
+    def doc_hashes(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT doc_id, hash FROM docs"))
+
+    def chunk_rows(self, ids: Sequence[str] | None = None) -> list[tuple]:
+        cols = 'id, doc_id, text, start, "end"'
+        if ids is None:
+            return self.db.execute(f"SELECT {cols} FROM chunks ORDER BY doc_id, n").fetchall()
+        rows = {}
+        for i in range(0, len(ids), 500):
+            part = list(ids[i:i + 500])
+            q = f"SELECT {cols} FROM chunks WHERE id IN ({','.join('?' * len(part))})"
+            rows.update((r[0], r) for r in self.db.execute(q, part))
+        return [rows[i] for i in ids if i in rows]
+
+    def stats(self) -> dict[str, int]:
+        n_docs = self.db.execute("SELECT COUNT(*) FROM docs").fetchone()[0]
+        n_chunks = self.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+        return {"documents": n_docs, "chunks": n_chunks, "vectors": len(self.store),
+                "bm25_docs": len(self.bm25)}
+
+    # ------------------------------------------------------------------ updating
+    def update(self, docs_dir: str | Path, mode: Literal["incremental", "full"] = "incremental",
+               use_cache: bool = True) -> IndexReport:
+        """Bring the knowledge base in line with ``docs_dir``; ``full`` re-chunks and re-embeds
+        everything (``use_cache=False`` also bypasses the embedding cache)."""
+        t0 = time.perf_counter()
+        report = IndexReport()
+        docs, report.skipped = scan(docs_dir, self.config.max_file_bytes)
+        tokenizer = self.embedder.st.tokenizer if self.config.chunk.strategy == "tokens" else None
+        old = {} if mode == "full" else self.doc_hashes()
+        # identical content under several names is indexed once: the copy already in the
+        # knowledge base wins, otherwise the first name in sorted order
+        keeper: dict[str, str] = {}
+        for doc in docs:
+            h = text_hash(doc.text)
+            if h not in keeper or (old.get(doc.source) == h and old.get(keeper[h]) != h):
+                keeper[h] = doc.source
+        writes: list[tuple[Any, list]] = []
+        for doc in docs:
+            h = text_hash(doc.text)
+            if keeper[h] != doc.source:
+                report.skipped.append(Skipped(doc.source, f"duplicate of {keeper[h]}"))
+                continue
+            if old.get(doc.source) == h:
+                report.unchanged.append(doc.source)
+                continue
+            (report.updated if doc.source in old else report.added).append(doc.source)
+            chunks = chunk_text(doc.source, doc.text, self.config.chunk, tokenizer,
+                                meta={"title": doc.title})
+            for c in chunks:
+                c.id = f"{c.id}:{c.hash[:12]}"
+            writes.append((doc, chunks))
+        present = {d.source for d, _ in writes} | set(report.unchanged)
+        current = self.doc_hashes()
+        report.deleted = sorted(d for d in current if d not in present and mode == "incremental")
+        if mode == "full":
+            report.deleted = sorted(d for d in current if d not in present)
+        # one transaction for every docstore change
+        with self.db:
+            if mode == "full":
+                self.db.execute("DELETE FROM chunks")
+                self.db.execute("DELETE FROM docs")
+            for doc_id in report.deleted + [d.source for d, _ in writes]:
+                self.db.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
+                self.db.execute("DELETE FROM docs WHERE doc_id = ?", (doc_id,))
+            now = time.time()
+            for doc, chunks in writes:
+                self.db.execute("INSERT INTO docs VALUES (?,?,?,?,?,?,?)",
+                                (doc.source, doc.title, doc.kind, text_hash(doc.text),
+                                 len(doc.text), len(chunks), now))
+                self.db.executemany("INSERT INTO chunks VALUES (?,?,?,?,?,?,?)",
+                                    [(c.id, c.doc_id, n, c.text, c.start, c.end, c.hash)
+                                     for n, c in enumerate(chunks)])
+        if mode == "full":
+            self._reset_indexes()
+        self.sync(report, use_cache=use_cache)
+        report.chunks_total = self.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def _reset_indexes(self) -> None:
+        if self.config.store in ("faiss", "chroma"):
+            if self._store is not None:
+                self._store.close()
+            self._store = None
+            shutil.rmtree(self.path / "vectors", ignore_errors=True)
+        else:
+            self.store.delete(self.store.ids())
+        self._bm25 = BM25Index()
+
+    def sync(self, report: IndexReport | None = None, use_cache: bool = True) -> IndexReport:
+        """Make the vector store and BM25 hold exactly the docstore's chunks."""
+        report = report or IndexReport()
+        rows = self.chunk_rows()
+        want = {r[0]: r for r in rows}
+        have = set(self.store.ids())
+        stale = sorted(have - set(want))
+        missing = [i for i in want if i not in have]
+        if stale:
+            report.chunks_removed += self.store.delete(stale)
+        emb = self.embedder
+        cache, emb.cache = emb.cache, (emb.cache if use_cache else None)
+        try:
+            step = max(1, self.config.batch_size * 8)
+            for i in range(0, len(missing), step):  # batched writes
+                ids = missing[i:i + step]
+                before = dict(emb.stats)
+                vecs = emb.encode([want[c][2] for c in ids])
+                report.embedded += emb.stats["embedded"] - before["embedded"]
+                report.embed_cached += emb.stats["cached"] - before["cached"]
+                self.store.add(ids, vecs, [{"doc_id": want[c][1]} for c in ids])
+                report.chunks_added += len(ids)
+        finally:
+            emb.cache = cache
+        if stale or missing:
+            self.store.persist()
+        if set(self.bm25.doc_ids) != set(want) or len(self.bm25.doc_ids) != len(want):
+            self._bm25 = BM25Index(**_bm25_params(self.bm25)).build(
+                [r[0] for r in rows], [r[2] for r in rows])
+            self._save_bm25()
+        return report
+
+    def _save_bm25(self) -> None:
+        tmp, final, old = self.path / "bm25.tmp", self.path / "bm25", self.path / "bm25.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self._bm25.save(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def consistent(self) -> bool:
+        """Docstore, vector store and BM25 hold the same chunk ids (no loss, no duplicates)."""
+        want = [r[0] for r in self.db.execute("SELECT id FROM chunks")]
+        store_ids = self.store.ids()
+        return (set(want) == set(store_ids) == set(self.bm25.doc_ids)
+                and len(store_ids) == len(set(store_ids)) == len(want))
+
+    # ------------------------------------------------------------------ searching
+    def retriever(self, mode: Mode = "hybrid"):
+        if mode == "bm25":
+            return BM25Retriever(self.bm25)
+        dense = DenseRetriever(self.embedder, self.store)
+        if mode == "dense":
+            return dense
+        if mode == "hybrid":
+            return HybridRetriever(dense, BM25Retriever(self.bm25), self.config.fusion)
+        raise ConfigError(f"unknown retrieval mode '{mode}' (hybrid, dense, bm25)")
+
+    def search_many(self, queries: Sequence[str], k: int = 5,
+                    mode: Mode = "hybrid") -> list[list[Passage]]:
+        hits = self.retriever(mode).search_many(list(queries), k)
+        rows = {r[0]: r for r in self.chunk_rows(sorted({h.id for hs in hits for h in hs}))}
+        titles = dict(self.db.execute("SELECT doc_id, title FROM docs"))
+        return [[Passage(h.id, rows[h.id][1], rows[h.id][2], h.score, titles.get(rows[h.id][1], ""),
+                         rows[h.id][3], rows[h.id][4]) for h in hs if h.id in rows] for hs in hits]
+
+    def search(self, query: str, k: int = 5, mode: Mode = "hybrid") -> list[Passage]:
+        return self.search_many([query], k, mode)[0]
+
+
+def _bm25_params(index: BM25Index) -> dict[str, Any]:
+    return {**index.params, "backend": index.backend}
