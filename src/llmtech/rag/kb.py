@@ -152,8 +152,9 @@ class KnowledgeBase:
             if kind in ("faiss", "chroma"):
                 folder = self.path / "vectors"
                 exists = (folder / "store.json").exists() if kind == "faiss" else folder.exists()
-                if exists:
-                    self._store = load_store(kind, str(folder), **opts)
+                if exists:  # build options (index type, ...) were saved with the store
+                    keep = {k: v for k, v in opts.items() if k == "collection"}
+                    self._store = load_store(kind, str(folder), **keep)
                 else:
                     self._store = make_store(kind, self.embedder.dim, path=str(folder), **opts)
             else:
