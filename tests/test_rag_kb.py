@@ -153,3 +153,17 @@ def test_cli_index_ask_errors_and_eval(tmp_path, docs):
     assert p.returncode == 2 and "bm25, dense or hybrid" in p.stderr
     p = run_cli("rag", "eval", "--beir", beir, "--split", "dev")
     assert p.returncode == 2 and "available: test" in p.stderr
+
+
+def test_cli_ask_answers_with_sources(tmp_path, docs):
+    kb = tmp_path / "kb"
+    assert run_cli("rag", "index", "--docs", docs, "--kb", kb).returncode == 0
+    p = run_cli("rag", "ask", "--kb", kb, "--json", "--k", "2",
+                "How many days do I have to return an item without giving a reason?")
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout)
+    assert out["answer"].strip() and len(out["sources"]) == 2
+    assert out["sources"][0]["doc_id"] == "returns_en.md"
+    assert all(1 <= n <= 2 for n in out["citations"])     # only real sources can be cited
+    p = run_cli("rag", "ask", "--kb", kb, "--rerank", "ms:nobody/no-such-reranker", "hi")
+    assert p.returncode == 2 and "--rerank llm" in p.stderr and "Traceback" not in p.stderr

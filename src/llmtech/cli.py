@@ -231,7 +231,7 @@ def rag_ask(question: str = typer.Argument(...),
             kb: str = typer.Option(..., "--kb", help="knowledge-base name or folder"),
             k: int = typer.Option(4, "--k", help="passages given to the model"),
             mode: str = typer.Option("hybrid", "--mode", help="hybrid | dense | bm25"),
-            rerank: Optional[str] = typer.Option(None, "--rerank", help="llm | llm:<model> | <cross-encoder id>"),
+            rerank: Optional[str] = typer.Option(None, "--rerank", help="llm | llm-ql | llm:<model> | <cross-encoder id>"),
             model: Optional[str] = typer.Option(None, "--model", help="generator model id"),
             json_out: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """Answer a question from a knowledge base, citing its sources as [n]."""
@@ -263,11 +263,12 @@ def rag_ask(question: str = typer.Argument(...),
 @rag_app.command("eval")
 def rag_eval(beir: Path = typer.Option(..., "--beir", help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/"),
              retriever: str = typer.Option("hybrid", "--retriever", help="bm25 | dense | hybrid"),
-             rerank: Optional[str] = typer.Option(None, "--rerank", help="llm | llm:<model> | <cross-encoder id>"),
+             rerank: Optional[str] = typer.Option(None, "--rerank", help="llm | llm-ql | llm:<model> | <cross-encoder id>"),
              rerank_depth: int = typer.Option(20, "--rerank-depth"),
              split: str = typer.Option("test", "--split"),
              embedder: Optional[str] = typer.Option(None, "--embedder", help="embedder id (default minilm-l6)"),
              max_queries: Optional[int] = typer.Option(None, "--max-queries", help="first N judged queries"),
+             passages: Optional[int] = typer.Option(None, "--passages", help="dense: N-token windows, doc = best window"),
              no_cache: bool = typer.Option(False, "--no-cache", help="do not use the embedding cache")) -> None:
     """Evaluate a retriever on a BEIR-format folder; prints JSON (ndcg@10, recall@100, mrr@10, ...)."""
     from .rag.beir import evaluate_beir, load_beir
@@ -278,7 +279,7 @@ def rag_eval(beir: Path = typer.Option(..., "--beir", help="BEIR folder: corpus.
         data.queries = {q: data.queries[q] for q in keep}
         data.qrels = {q: data.qrels[q] for q in keep}
     result = evaluate_beir(data, retriever=retriever, embedder=embedder, rerank=rerank,
-                           rerank_depth=rerank_depth, cache=not no_cache)
+                           rerank_depth=rerank_depth, cache=not no_cache, passages=passages)
     typer.echo(json.dumps(result, ensure_ascii=False, indent=2))
 
 

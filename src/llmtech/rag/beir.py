@@ -104,11 +104,13 @@ def default_cache(model_id: str) -> Path:
 def evaluate_beir(data: BeirData, retriever: str = "hybrid", embedder: str | None = None,
                   rerank: str | None = None, rerank_depth: int = 20, fusion=None,
                   cache: bool = True, batch_size: int = 64, k: int = 100,
-                  quantize: str | None = None) -> dict:
+                  quantize: str | None = None, passages: int | None = None) -> dict:
     """Index ``data.corpus``, answer every judged query and score the run.
 
     Returns ndcg@10, mrr@10, recall@k/hit@k, queries_per_s (search only: query embedding,
     search, fusion, rerank) and index_seconds (embedding the corpus + building the indexes).
+    ``passages=N`` embeds each document as windows of N tokens (overlap N/8) and scores a
+    document by its best window; None embeds whole documents (the model truncates them).
     """
     import time
 
@@ -140,8 +142,18 @@ def evaluate_beir(data: BeirData, retriever: str = "hybrid", embedder: str | Non
         emb = Embedder(model, batch_size=batch_size, quantize=quantize,
                        cache=default_cache(model) if cache else None)
         store = FaissStore(emb.dim)  # exact inner-product search: the reference numbers
-        store.add(ids, emb.encode(texts))
-        dense = DenseRetriever(emb, store)
+        group_of = None
+        if passages:
+            from .chunking import ChunkConfig, chunk_text
+
+            cfg = ChunkConfig(strategy="tokens", size=passages, overlap=passages // 8)
+            chunks = [c for i, t in zip(ids, texts) for c in chunk_text(i, t, cfg, emb.st.tokenizer)]
+            group_of = {c.id: c.doc_id for c in chunks}
+            store.add([c.id for c in chunks], emb.encode([c.text for c in chunks]))
+            out["passages"] = len(chunks)
+        else:
+            store.add(ids, emb.encode(texts))
+        dense = DenseRetriever(emb, store, group_of)
         out["embedder"] = model + (f" ({quantize})" if quantize else "")
         out["embedded"], out["embed_cached"] = emb.stats["embedded"], emb.stats["cached"]
     out["index_seconds"] = round(time.perf_counter() - t0, 3)

@@ -36,20 +36,34 @@ def query_languages(text: str, min_share: float = 0.2) -> set[str]:
 
 
 class DenseRetriever:
-    def __init__(self, embedder: Embedder, store: VectorStore):
+    """Query embedding + vector search. With ``group_of`` (store id -> document id) the store
+    holds several passages per document and a document scores as its best passage ("MaxP",
+    Dai & Callan 2019): long documents are no longer cut at the embedder's 256 word pieces."""
+
+    def __init__(self, embedder: Embedder, store: VectorStore,
+                 group_of: dict[str, str] | None = None, oversample: int = 4):
         if store.dim != embedder.dim:
             from ..errors import ConfigError
 
             raise ConfigError(f"the {store.kind} store holds {store.dim}-dimensional vectors but "
                               f"embedder {embedder.model_id} makes {embedder.dim}-dimensional ones")
         self.embedder, self.store = embedder, store
+        self.group_of, self.oversample = group_of, oversample
 
     def search_many(self, queries: Sequence[str], k: int = 10,
                     vectors: np.ndarray | None = None) -> list[list[Hit]]:
         if not queries:
             return []
         q = self.embedder.encode_queries(queries) if vectors is None else vectors
-        return self.store.search(q, k)
+        if self.group_of is None:
+            return self.store.search(q, k)
+        out = []
+        for hits in self.store.search(q, k * self.oversample):
+            best: dict[str, Hit] = {}
+            for h in hits:  # best first, so the first passage seen is the document's best
+                best.setdefault(self.group_of[h.id], Hit(self.group_of[h.id], h.score))
+            out.append(list(best.values())[:k])
+        return out
 
 
 class BM25Retriever:
