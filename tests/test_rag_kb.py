@@ -167,3 +167,18 @@ def test_cli_ask_answers_with_sources(tmp_path, docs):
     assert all(1 <= n <= 2 for n in out["citations"])     # only real sources can be cited
     p = run_cli("rag", "ask", "--kb", kb, "--rerank", "ms:nobody/no-such-reranker", "hi")
     assert p.returncode == 2 and "--rerank llm" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_garbled_chunks_are_left_out_and_reported(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    good = "# 保修\n\n智能门锁 L3 保修 36 个月，电池除外。"
+    garbled = "空气净化器滤芯每六个月更换一次。".encode("gbk").decode("latin-1")  # GBK read as Latin-1
+    (docs / "a.md").write_text(good + "\n\n" + "\n\n".join([garbled] * 3), encoding="utf-8")
+    kb = KnowledgeBase.build(tmp_path / "kb", docs, KBConfig(chunk={"size": 60, "overlap": 0}))
+    r = kb.last_report
+    assert r.bad_chunks and all("mojibake" in b for b in r.bad_chunks)
+    texts = [t for (t,) in kb.db.execute("SELECT text FROM chunks")]
+    assert any("36 个月" in t for t in texts) and not any(garbled[:6] in t for t in texts)
+    assert kb.consistent()
+    kb.close()

@@ -219,7 +219,7 @@ def rag_index(docs: Path = typer.Option(..., "--docs", help="folder of documents
     report = base.update(docs, mode="full" if full else "incremental")
     summary = report.summary()
     out = {"kb": str(path), **{k: summary[k] for k in ("n_added", "n_updated", "n_unchanged", "n_deleted")},
-           "skipped": summary["skipped"], "chunks": report.chunks_total,
+           "skipped": summary["skipped"], "bad_chunks": report.bad_chunks, "chunks": report.chunks_total,
            "embedded": report.embedded, "embed_cached": report.embed_cached,
            "seconds": round(report.seconds, 2), "consistent": base.consistent()}
     base.close()

@@ -39,6 +39,7 @@ from ..models import DEFAULT_EMBEDDER
 from .bm25 import BM25Index
 from .chunking import ChunkConfig, chunk_text, text_hash
 from .loaders import MAX_BYTES, Skipped, scan
+from .quality import QualityConfig, filter_chunks
 from .retrieve import BM25Retriever, DenseRetriever, FusionSettings, HybridRetriever
 from .types import Passage
 
@@ -61,6 +62,10 @@ class KBConfig(StrictModel):
     fusion: FusionSettings = FusionSettings()
     batch_size: int = 64
     max_file_bytes: int = MAX_BYTES
+    # chunks left out of the index: empty, garbled (mojibake), full of control characters.
+    # Duplicates are handled per document (content hash); set quality=None to index everything.
+    quality: QualityConfig | None = QualityConfig(
+        exact_dup=False, near_dup=False, min_chars=1, skip=["empty", "mojibake", "control_chars"])
 
 
 @dataclass
@@ -70,6 +75,7 @@ class IndexReport:
     unchanged: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    bad_chunks: list[str] = field(default_factory=list)   # "<chunk id>: <issues>" left out
     chunks_total: int = 0
     chunks_added: int = 0
     chunks_removed: int = 0
@@ -224,6 +230,10 @@ class KnowledgeBase:
             (report.updated if doc.source in old else report.added).append(doc.source)
             chunks = chunk_text(doc.source, doc.text, self.config.chunk, tokenizer,
                                 meta={"title": doc.title})
+            if self.config.quality is not None:
+                chunks, quality = filter_chunks(chunks, self.config.quality)
+                report.bad_chunks += [f"{cid}: {', '.join(issues)}" for cid, issues
+                                      in quality.by_chunk.items() if cid in quality.bad_ids()]
             for c in chunks:
                 c.id = f"{c.id}:{c.hash[:12]}"
             writes.append((doc, chunks))
