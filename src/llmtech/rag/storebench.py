@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..data.formats import read_records
+from ..evals.speed import release_memory, rss_bytes
 from ..io import read_text
 from .stores.base import VectorStore
 
@@ -145,24 +146,6 @@ def recall_at_k(found: Sequence[Sequence[str]], truth: Sequence[Sequence[str]], 
 
 
 # --------------------------------------------------------------------------- measuring
-
-def rss_bytes() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def release_memory() -> None:
-    """Collect garbage and return freed heap to the OS, so RSS deltas mean something."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
 
 @dataclass
 class StoreResult:
