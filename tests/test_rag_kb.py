@@ -182,3 +182,17 @@ def test_garbled_chunks_are_left_out_and_reported(tmp_path):
     assert any("36 个月" in t for t in texts) and not any(garbled[:6] in t for t in texts)
     assert kb.consistent()
     kb.close()
+
+
+def test_empty_or_wrong_folder_does_not_wipe_the_kb(tmp_path, docs):
+    kb_dir = tmp_path / "kb"
+    assert run_cli("rag", "index", "--docs", docs, "--kb", kb_dir).returncode == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.png").write_bytes(b"\x89PNG")
+    p = run_cli("rag", "index", "--docs", empty, "--kb", kb_dir)
+    assert p.returncode == 2 and "no readable documents, nothing changed" in p.stderr
+    assert "notes.png" in p.stderr and "Traceback" not in p.stderr
+    kb = KnowledgeBase.open(kb_dir)
+    assert kb.stats()["documents"] == len(DOCS) and kb.consistent()
+    kb.close()

@@ -24,7 +24,7 @@ from llmtech.rag.bm25 import BM25Index
 from llmtech.rag.chunking import ChunkConfig, chunk_text
 from llmtech.rag.embed import Embedder, EmbeddingCache
 from llmtech.rag.loaders import scan
-from llmtech.rag.metrics import evaluate_run
+from llmtech.rag.metrics import evaluate_run, ranked_docs
 from llmtech.rag.monitor import load_eval_set
 from llmtech.rag.quality import QualityConfig, check_chunks
 
@@ -61,16 +61,12 @@ def name_of(c: ChunkConfig) -> str:
     return f"{c.strategy}-{c.size}" + (f"/{c.overlap}" if c.overlap else "")
 
 
-def doc_ranking(chunk_ids, doc_of) -> list[str]:
-    """块的排名 → 文档排名：一篇文档排在它最好的块的位置（max-pooling）。"""
-    return list(dict.fromkeys(doc_of[c] for c in chunk_ids))
-
-
 def bm25_run(chunks, queries: dict, depth: int) -> dict:
+    # 块的排名 → 文档排名：一篇文档排在它最好的块的位置（max-pooling，metrics.ranked_docs）
     index = BM25Index().build([c.id for c in chunks], [c.text for c in chunks])
-    doc_of = {c.id: c.doc_id for c in chunks}
+    chunk = {c.id: c for c in chunks}
     hits = index.search_many(list(queries.values()), depth)
-    return {q: doc_ranking([h.id for h in hs], doc_of) for q, hs in zip(queries, hits)}
+    return {q: ranked_docs(chunk[h.id] for h in hs) for q, hs in zip(queries, hits)}
 
 
 def dense_run(emb: Embedder, chunks, queries: dict, depth: int) -> dict:
@@ -79,7 +75,7 @@ def dense_run(emb: Embedder, chunks, queries: dict, depth: int) -> dict:
     Q = emb.encode_queries(list(queries.values()))
     S = Q @ C.T
     top = np.argsort(-S, axis=1)[:, :depth]
-    return {q: list(dict.fromkeys(chunks[j].doc_id for j in row)) for q, row in zip(queries, top)}
+    return {q: ranked_docs(chunks[j] for j in row) for q, row in zip(queries, top)}
 
 
 def main(cfg: Config, lab: labs.LabContext) -> dict:

@@ -209,6 +209,10 @@ class KnowledgeBase:
         t0 = time.perf_counter()
         report = IndexReport()
         docs, report.skipped = scan(docs_dir, self.config.max_file_bytes)
+        if not docs:  # a wrong or empty folder must not wipe the knowledge base
+            why = "; ".join(f"{s.source}: {s.reason}" for s in report.skipped[:5])
+            raise DataError(f"{docs_dir}: no readable documents, nothing changed"
+                            + (f" (skipped {len(report.skipped)}: {why})" if why else ""))
         tokenizer = self.embedder.st.tokenizer if self.config.chunk.strategy == "tokens" else None
         old = {} if mode == "full" else self.doc_hashes()
         # identical content under several names is indexed once: the copy already in the
@@ -239,9 +243,7 @@ class KnowledgeBase:
             writes.append((doc, chunks))
         present = {d.source for d, _ in writes} | set(report.unchanged)
         current = self.doc_hashes()
-        report.deleted = sorted(d for d in current if d not in present and mode == "incremental")
-        if mode == "full":
-            report.deleted = sorted(d for d in current if d not in present)
+        report.deleted = sorted(d for d in current if d not in present)
         # one transaction for every docstore change
         with self.db:
             if mode == "full":

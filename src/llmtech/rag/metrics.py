@@ -56,6 +56,12 @@ def ndcg_at_k(ranked: Sequence[str], rels: Mapping[str, int], k: int = 10) -> fl
     return dcg / idcg if idcg > 0 else 0.0
 
 
+def ranked_docs(passages: Iterable) -> list[str]:
+    """Chunk ranking -> document ranking: a document takes the rank of its best chunk
+    (max-pooling over a document's chunks). Accepts anything with a ``doc_id``."""
+    return list(dict.fromkeys(p.doc_id for p in passages))
+
+
 def evaluate_run(run: Run, qrels: Qrels, ks: Iterable[int] = (1, 5, 10, 100)) -> dict[str, float]:
     """Mean metrics over the judged queries: ndcg@10, mrr@10, recall@k and hit@k for each k."""
     judged = [q for q, rels in qrels.items() if _relevant(rels)]

@@ -37,7 +37,7 @@ from pydantic import Field
 
 from ..config import StrictModel
 from ..errors import DataError
-from .metrics import answer_scores, evaluate_run
+from .metrics import answer_scores, evaluate_run, ranked_docs
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,6 @@ def eval_hash(items: Sequence[EvalItem]) -> str:
 
 
 # --------------------------------------------------------------------------- metrics
-
-def ranked_docs(passages: Iterable[Any]) -> list[str]:
-    """Document ids in the order of their best chunk (max-pooling over a document's chunks)."""
-    return list(dict.fromkeys(p.doc_id for p in passages))
-
 
 def _squash(s: str) -> str:
     return re.sub(r"\s+", "", s).lower()
