@@ -196,3 +196,12 @@ def test_empty_or_wrong_folder_does_not_wipe_the_kb(tmp_path, docs):
     kb = KnowledgeBase.open(kb_dir)
     assert kb.stats()["documents"] == len(DOCS) and kb.consistent()
     kb.close()
+
+
+def test_corrupt_docstore_is_a_clear_error(tmp_path, docs):
+    kb_dir = tmp_path / "kb"
+    assert run_cli("rag", "index", "--docs", docs, "--kb", kb_dir).returncode == 0
+    (kb_dir / "docstore.sqlite").write_bytes(b"this is not a sqlite file at all" * 100)
+    p = run_cli("rag", "index", "--docs", docs, "--kb", kb_dir)
+    assert p.returncode == 2 and "docstore.sqlite: not a readable docstore" in p.stderr
+    assert "Traceback" not in p.stderr

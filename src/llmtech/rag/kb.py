@@ -94,8 +94,12 @@ class IndexReport:
 class KnowledgeBase:
     def __init__(self, path: Path, config: KBConfig):
         self.path, self.config = path, config
-        self.db = sqlite3.connect(path / "docstore.sqlite")
-        self.db.executescript(SCHEMA)
+        try:
+            self.db = sqlite3.connect(path / "docstore.sqlite")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise DataError(f"{path / 'docstore.sqlite'}: not a readable docstore ({e}); "
+                            "restore it from a backup or rebuild with a new --kb") from None
         self._embedder = None
         self._store = None
         self._bm25: BM25Index | None = None
