@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 lab_app = typer.Typer(no_args_is_help=True, help="List and run the course's 42 labs.")
 models_app = typer.Typer(no_args_is_help=True, help="Model registry and the offline model cache.")
 data_app = typer.Typer(no_args_is_help=True, help="Validate, clean and convert datasets.")
-train_app = typer.Typer(no_args_is_help=True, help="Training stages (sft, ...).")
+train_app = typer.Typer(no_args_is_help=True, help="Training stages: sft, rm, dpo, kto, ppo, grpo.")
 rag_app = typer.Typer(no_args_is_help=True, help="Knowledge bases: index, ask, evaluate retrieval.")
 app.add_typer(lab_app, name="lab")
 app.add_typer(models_app, name="models")
@@ -187,6 +187,42 @@ def train_sft(config: Optional[Path] = typer.Option(None, "--config", help="YAML
     result = run_sft(settings)
     result.pop("trainer", None)
     typer.echo(json.dumps(result, ensure_ascii=False, indent=2))
+
+
+def _run_stage(settings_path: str, run_path: str, config, overrides, deepspeed=None) -> None:
+    """Load ``module:Settings`` from --config + overrides, call ``module:run``, print the result."""
+    import importlib
+
+    from .config import load_config
+
+    mod_name, cls_name = settings_path.split(":")
+    mod = importlib.import_module(f".train.{mod_name}", __package__)
+    extra = list(overrides or []) + ([f"deepspeed={deepspeed}"] if deepspeed else [])
+    settings = load_config(getattr(mod, cls_name), config, extra)
+    result = getattr(mod, run_path)(settings)
+    result.pop("trainer", None)
+    typer.echo(json.dumps(result, ensure_ascii=False, indent=2, default=str))
+
+
+@train_app.command("rm", context_settings={"allow_extra_args": True})
+def train_rm(config: Optional[Path] = typer.Option(None, "--config", help="YAML config"),
+             overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Reward model on preference pairs (TRL RewardTrainer): pairwise accuracy, calibration."""
+    _run_stage("reward:RewardSettings", "run_reward", config, overrides)
+
+
+@train_app.command("dpo", context_settings={"allow_extra_args": True})
+def train_dpo(config: Optional[Path] = typer.Option(None, "--config", help="YAML config"),
+              overrides: Optional[List[str]] = OverridesArg) -> None:
+    """DPO (sigmoid / ipo / hinge, optional SFT term) on TRL's DPOTrainer."""
+    _run_stage("dpo:DPOSettings", "run_dpo", config, overrides)
+
+
+@train_app.command("kto", context_settings={"allow_extra_args": True})
+def train_kto(config: Optional[Path] = typer.Option(None, "--config", help="YAML config"),
+              overrides: Optional[List[str]] = OverridesArg) -> None:
+    """KTO on unpaired desirable/undesirable data (a pair file is converted)."""
+    _run_stage("kto:KTOSettings", "run_kto", config, overrides)
 
 
 # --------------------------------------------------------------------------- rag

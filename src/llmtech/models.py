@@ -228,9 +228,40 @@ def load_lm(model_id: str = DEFAULT_LM, dtype: str = "float32", seed: int = 0,
     return model, tok
 
 
-def build_tiny_llama(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2):
+def load_reward_lm(model_id: str = DEFAULT_LM, dtype: str = "float32", seed: int = 0,
+                   trust_remote_code: bool | None = None):
+    """``(model, tokenizer)`` with a scalar head: AutoModelForSequenceClassification, num_labels=1.
+
+    From a causal LM the head (``score``) is new and randomly initialised (seeded); from a saved
+    reward model it is loaded. The pad token is set, since the head reads the last real token.
+    """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForSequenceClassification
+
+    tok = load_tokenizer(model_id, trust_remote_code)
+    torch_dtype = getattr(torch, dtype)
+    torch.manual_seed(seed)
+    if REGISTRY.get(model_id) and REGISTRY[model_id].source == "tiny":
+        model = build_tiny_llama(tok, seed=seed, head="score").to(torch_dtype)
+    else:
+        path = resolve(model_id)
+        remote = trust_remote_code_for(model_id, trust_remote_code)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=torch_dtype, **_gguf_kwargs(path),
+                **({"trust_remote_code": True} if remote else {}))
+        except Exception as e:  # noqa: BLE001
+            raise ModelNotAvailable(f"cannot load '{model_id}' from {path} as a reward model: {e}") from None
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def build_tiny_llama(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2,
+                     head: str = "lm"):
+    """A 2-layer random Llama with the real tokenizer, for fast tests. ``head="score"`` gives a
+    sequence-classification model with one output (a reward model)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
@@ -240,6 +271,9 @@ def build_tiny_llama(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
+    if head == "score":
+        config.num_labels = 1
+        return LlamaForSequenceClassification(config)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -185,10 +185,12 @@ def _read_hub(dataset_id: str, split: str, hub: str) -> list[tuple[str, dict]]:
 
 def detect_format(record: dict) -> str:
     keys = set(record)
-    if {"prompt", "chosen", "rejected"} <= keys:
-        return "preference"
-    if {"prompt", "completion", "label"} <= keys:
-        return "kto"
+    has_prompt = bool(keys & {"prompt", "conversations", "messages"})
+    if {"chosen", "rejected"} <= keys and has_prompt:
+        return "preference"  # TRL style, or LLaMA-Factory's conversations + chosen/rejected turn
+    if "label" in keys and ({"prompt", "completion"} <= keys or "messages" in keys
+                            or "conversations" in keys):
+        return "kto"  # prompt/completion/label, or LLaMA-Factory's messages + label
     if "messages" in keys or "conversations" in keys:
         return "sharegpt"
     if "instruction" in keys or "output" in keys:
@@ -252,14 +254,31 @@ def normalise(where: str, rec: dict, fmt: str) -> dict:
         extra.pop("system", None)
         return {**extra, "messages": msgs}
     if fmt == "preference":
-        out = dict(extra)
+        out = {k: v for k, v in extra.items() if k != "messages"}
+        if "prompt" not in rec:  # LLaMA-Factory: the dialogue so far is the prompt
+            key = "messages" if "messages" in rec else "conversations"
+            if key not in rec:
+                raise DataError(f"{where}: missing field 'prompt' (or 'conversations')")
+            out["prompt"] = _messages(where, rec[key], key)
         for key in ("prompt", "chosen", "rejected"):
-            if isinstance(rec.get(key), list):
-                out[key] = _messages(where, rec[key], key)
+            v = rec.get(key)
+            if key == "prompt" and "prompt" not in rec:
+                continue
+            if isinstance(v, dict):  # one turn, e.g. {"from": "gpt", "value": "..."}
+                out[key] = _messages(where, [v], key)
+            elif isinstance(v, list):
+                out[key] = _messages(where, v, key)
             else:
                 out[key] = _text(where, rec, key)
         return out
     if fmt == "kto":
+        if "completion" not in rec and ("messages" in rec or "conversations" in rec):
+            key = "messages" if "messages" in rec else "conversations"
+            msgs = _messages(where, rec[key], key)  # LLaMA-Factory: the last turn is judged
+            if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+                raise DataError(f"{where}: '{key}' must end with the assistant turn that is labelled")
+            rec = {**rec, "prompt": msgs[:-1], "completion": msgs[-1:]}
+            extra.pop(key, None)
         out = {**extra, "prompt": rec.get("prompt"), "completion": rec.get("completion")}
         for key in ("prompt", "completion"):
             out[key] = (_messages(where, rec[key], key) if isinstance(rec.get(key), list)

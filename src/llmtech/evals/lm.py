@@ -27,13 +27,17 @@ def encode_chat_example(tokenizer, messages: list[dict], max_length: int = 512) 
 
 
 @torch.no_grad()
-def masked_nll(model, tokenizer, batch_examples: list[dict], batch_size: int = 8) -> tuple[float, int]:
-    """Sum of negative log-likelihood over target tokens, and the number of target tokens."""
+def sequence_logprobs(model, tokenizer, examples: list[dict], batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: the sum of log p(token) over its target tokens, and how many there are.
+
+    ``examples`` come from ``encode_chat_example`` (input_ids + target_mask). Right padding, so
+    every example is scored exactly as it would be on its own.
+    """
     model.eval()
-    total, count = 0.0, 0
+    sums, counts = [], []
     pad = tokenizer.pad_token_id
-    for i in range(0, len(batch_examples), batch_size):
-        chunk = batch_examples[i:i + batch_size]
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
         L = max(len(e["input_ids"]) for e in chunk)
         ids = torch.full((len(chunk), L), pad, dtype=torch.long)
         att = torch.zeros((len(chunk), L), dtype=torch.long)
@@ -48,9 +52,23 @@ def masked_nll(model, tokenizer, batch_examples: list[dict], batch_size: int = 8
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
         tok_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         m = tgt[:, 1:]
-        total += float(-(tok_logp * m).sum())
-        count += int(m.sum())
-    return total, count
+        sums.append((tok_logp * m).sum(-1).double())
+        counts.append(m.sum(-1))
+    return torch.cat(sums), torch.cat(counts)
+
+
+def masked_nll(model, tokenizer, batch_examples: list[dict], batch_size: int = 8) -> tuple[float, int]:
+    """Sum of negative log-likelihood over target tokens, and the number of target tokens."""
+    sums, counts = sequence_logprobs(model, tokenizer, batch_examples, batch_size)
+    return float(-sums.sum()), int(counts.sum())
+
+
+def response_logprobs(model, tokenizer, conversations: Iterable[list[dict]], max_length: int = 512,
+                      batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(last message | the messages before it), summed over its tokens, per conversation;
+    and the token counts. This is the quantity DPO's implicit reward is built from."""
+    ex = [encode_chat_example(tokenizer, c, max_length) for c in conversations]
+    return sequence_logprobs(model, tokenizer, ex, batch_size)
 
 
 def response_loss(model, tokenizer, conversations: Iterable[list[dict]], max_length: int = 512,
