@@ -200,7 +200,8 @@ def _run_stage(settings_path: str, run_path: str, config, overrides, deepspeed=N
     extra = list(overrides or []) + ([f"deepspeed={deepspeed}"] if deepspeed else [])
     settings = load_config(getattr(mod, cls_name), config, extra)
     result = getattr(mod, run_path)(settings)
-    result.pop("trainer", None)
+    for live in ("trainer", "policy"):
+        result.pop(live, None)
     typer.echo(json.dumps(result, ensure_ascii=False, indent=2, default=str))
 
 
@@ -223,6 +224,20 @@ def train_kto(config: Optional[Path] = typer.Option(None, "--config", help="YAML
               overrides: Optional[List[str]] = OverridesArg) -> None:
     """KTO on unpaired desirable/undesirable data (a pair file is converted)."""
     _run_stage("kto:KTOSettings", "run_kto", config, overrides)
+
+
+@train_app.command("ppo", context_settings={"allow_extra_args": True})
+def train_ppo(config: Optional[Path] = typer.Option(None, "--config", help="YAML config"),
+              overrides: Optional[List[str]] = OverridesArg) -> None:
+    """RLHF with PPO against a trained reward model (llmtech's own implementation)."""
+    _run_stage("ppo:PPOSettings", "run_ppo", config, overrides)
+
+
+@train_app.command("grpo", context_settings={"allow_extra_args": True})
+def train_grpo(config: Optional[Path] = typer.Option(None, "--config", help="YAML config"),
+               overrides: Optional[List[str]] = OverridesArg) -> None:
+    """GRPO (TRL) with the reward model as the reward function, for comparison with PPO."""
+    _run_stage("online:GRPOSettings", "run_grpo", config, overrides)
 
 
 # --------------------------------------------------------------------------- rag

@@ -22,7 +22,7 @@ from ..io import atomic_write_json
 from ..models import DEFAULT_LM
 from .callbacks import JsonlLogCallback, NanGuardCallback, plot_loss
 from .lora import LoraSettings, merge_and_save
-from .sft import last_checkpoint, native_bf16
+from .sft import last_checkpoint, native_bf16, plain_forward
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def run_stage(trainer, s: AlignSettings, title: str, evaluate) -> dict:
     result["data"] = data["reports"]
     # With bf16 training, accelerate wraps the model's forward in autocast; measure in float32
     # like any later user of the saved model does.
-    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    model = plain_forward(trainer.model)
     if data["eval"]:
         result.update(flat(before, "_before"))
         result.update(flat(evaluate(model, tok, data["eval"]), ""))

@@ -9,7 +9,6 @@ reference is the same model with its adapter switched off, so only one model sit
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -63,12 +62,6 @@ def run_dpo(s: DPOSettings, model=None, tokenizer=None, callbacks=()) -> dict:
 
 # --------------------------------------------------------------------------- measurements
 
-def reference_of(model):
-    """A context in which ``model`` computes the reference policy: a PEFT model with its adapter
-    disabled (the SFT model it was built on). For a plain model there is no reference."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-
-
 def pair_logprobs(model, tokenizer, rows: list[dict], max_length: int = 512,
                   batch_size: int = 8) -> dict[str, torch.Tensor]:
     """Summed log-probabilities (and token counts) of each pair's chosen and rejected answers."""
@@ -93,12 +86,14 @@ def preference_eval(policy, tokenizer, rows: list[dict], beta: float = 0.1, max_
       how often and by how much r(chosen) > r(rejected). ``ref=None`` uses the policy with its
       adapter disabled; for the reference itself they are 0.5 and 0 by construction.
     """
+    from .rollout import reference_of
+
     lp = pair_logprobs(policy, tokenizer, rows, max_length, batch_size)
-    if ref is None:
-        with reference_of(policy):
-            lr = pair_logprobs(policy, tokenizer, rows, max_length, batch_size)
+    if ref is None and not hasattr(policy, "disable_adapter"):
+        lr = lp  # a plain model with no reference given is its own reference
     else:
-        lr = pair_logprobs(ref, tokenizer, rows, max_length, batch_size)
+        with reference_of(policy, ref) as r:
+            lr = pair_logprobs(r, tokenizer, rows, max_length, batch_size)
 
     def share(x):  # ties count half
         return float(((x > 0).double() + 0.5 * (x == 0).double()).mean())

@@ -101,6 +101,15 @@ def build_datasets(s: SFTSettings):
     return train_ds, eval_ds
 
 
+def plain_forward(model):
+    """Undo the autocast wrapper that accelerate puts around ``model.forward`` for bf16/fp16
+    training (the trained model keeps it, so evaluating it afterwards would silently run in
+    bf16). Returns the same model, whose forward is its class's again (float32)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_fp32_wrapper=False)
+
+
 def last_checkpoint(output_dir: str | Path) -> Path | None:
     """Newest complete checkpoint (one whose trainer_state.json was written; a run killed while
     saving leaves an incomplete folder behind, which is skipped)."""
@@ -236,6 +245,7 @@ def run_sft(s: SFTSettings, model=None, tokenizer=None, callbacks=()) -> dict:
         result["final_dir"] = str(out / "final")
     plot_loss(out / "trainer_log.jsonl", out / "loss.png", title=f"SFT {s.model}")
     atomic_write_json(out / "result.json", result)
+    plain_forward(trainer.model)  # callers measure the trained model in float32
     result["trainer"] = trainer
     return result
 
