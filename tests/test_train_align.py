@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import ROOT, SUPPORT, run_cli, shared_or_skip
+from conftest import SUPPORT, run_cli, shared_or_skip
 from llmtech import models
 from llmtech.data.preference import (length_stats, load_pairs, load_unpaired, pairs_to_unpaired,
                                      split_pairs, trl_rows)
@@ -273,4 +273,20 @@ def test_dpo_trainer_uses_reference_without_second_model(tmp_path):
     s = DPOSettings(**_tiny(output_dir=str(tmp_path / "dpo"), train_file=str(PREF), eval_file=None))
     t = build_dpo_trainer(s)
     assert t.ref_model is None and hasattr(t.model, "disable_adapter")
-    assert ROOT.exists()
+
+
+def test_staged_dir_replaces_only_when_complete(tmp_path):
+    from llmtech.io import staged_dir
+
+    dest = tmp_path / "final"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with staged_dir(dest) as tmp:
+            (tmp / "half.txt").write_text("partial")
+            raise RuntimeError("killed while saving")
+    assert [p.name for p in dest.iterdir()] == ["old.txt"] and not tmp.exists()
+    with staged_dir(dest) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in dest.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no .tmp / .old left behind

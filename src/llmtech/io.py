@@ -105,3 +105,44 @@ def read_text(path: str | os.PathLike) -> str:
     path = existing_file(path)
     text, _ = decode_bytes(path.read_bytes(), str(path))
     return text
+
+
+def replace_dir(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Put the finished folder ``src`` at ``dest``. An existing ``dest`` is first renamed aside
+    and removed only after ``src`` is in place, so an interruption leaves the old or the new
+    folder, never neither. ``src`` and ``dest`` must be on the same file system."""
+    import shutil
+
+    src, dest = Path(src), Path(dest)
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(src, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+class staged_dir:
+    """``with staged_dir(dest) as tmp:`` write a folder into ``tmp``; on success it replaces
+    ``dest`` (see ``replace_dir``); on an exception ``tmp`` is removed and ``dest`` is untouched."""
+
+    def __init__(self, dest: str | os.PathLike):
+        self.dest = Path(dest)
+        self.tmp = self.dest.with_name(f".{self.dest.name}.tmp")
+
+    def __enter__(self) -> Path:
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        import shutil
+
+        if exc_type is None:
+            replace_dir(self.tmp, self.dest)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False

@@ -67,7 +67,7 @@ def measure(policy, tok, cfg, pairs, prompts, scorer, sft_scores=None) -> dict:
                                  seed=cfg.seed)
     return {"pref_acc": pe["preference_accuracy_per_token"], "reward_acc": pe["reward_accuracy"],
             "rm_score": ev["score"],
-            "win_rate_vs_sft": rollout.win_rate(ev["scores"], sft_scores) if sft_scores else 0.5,
+            "win_rate_vs_sft": rollout.win_rate(ev["scores"], sft_scores or ev["scores"]),  # SFT 对自己：全平局 = 0.5
             "kl_to_sft": ev.get("kl", 0.0), "reply_tokens": ev["response_len"], "scores": ev["scores"]}
 
 

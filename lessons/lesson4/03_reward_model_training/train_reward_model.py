@@ -13,12 +13,11 @@
 #     L = −log σ( r(x, y_c) − r(x, y_r) )  （外加一个很小的 (r_c + r_r)² 项让分数以 0 为中心）
 
 # %%
-import torch
-
 from llmtech import labs
 from llmtech.data.preference import length_stats, load_pairs, text_of
 from llmtech.train.lora import LoraSettings
-from llmtech.train.reward import RewardScorer, RewardSettings, evaluate_pairs, run_reward
+from llmtech.train.reward import (RewardScorer, RewardSettings, evaluate_pairs, reliability, run_reward,
+                                  score_pairs)
 
 
 class Config(labs.LabConfig):
@@ -30,20 +29,6 @@ class Config(labs.LabConfig):
     lora_r: int = 8
     max_length: int = 192
     bins: int = 5  # 可靠性图的分箱数（留出集只有几十对，分箱不宜多）
-
-
-def reliability(margins: torch.Tensor, bins: int) -> list[dict]:
-    """可靠性图的数据：把每对按两种顺序各算一次（p, 胜）与（1−p, 负），按 p 分箱。"""
-    p = torch.sigmoid(margins.double())
-    probs, won = torch.cat([p, 1 - p]), torch.cat([torch.ones_like(p), torch.zeros_like(p)])
-    rows = []
-    for k in range(bins):
-        lo, hi = k / bins, (k + 1) / bins
-        sel = (probs >= lo) & ((probs < hi) if k < bins - 1 else (probs <= hi))
-        if sel.any():
-            rows.append({"bin": f"{lo:.1f}-{hi:.1f}", "n": int(sel.sum()),
-                         "mean_p": float(probs[sel].mean()), "win_rate": float(won[sel].mean())})
-    return rows
 
 
 def main(cfg: Config, lab: labs.LabContext) -> dict:
@@ -84,10 +69,9 @@ def main(cfg: Config, lab: labs.LabContext) -> dict:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from llmtech.train.reward import score_pairs
     rc, rr = score_pairs(scorer, test.rows)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    rel = reliability(ev["margins"], cfg.bins)
+    rel = reliability(ev["margins"], cfg.bins)  # 每对按两种顺序各算一次：(p, 胜) 与 (1−p, 负)
     axes[0].plot([0, 1], [0, 1], "k--", lw=1)
     axes[0].plot([r["mean_p"] for r in rel], [r["win_rate"] for r in rel], "o-")
     axes[0].set_xlabel("predicted P(chosen wins)")

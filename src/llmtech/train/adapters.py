@@ -35,6 +35,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..errors import ConfigError, DataError
+from ..io import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,7 @@ def save_adapter(model, name: str, path: str | Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), selected_adapters=[name])
-    src = tmp if name == "default" else tmp / name
-    if path.exists():
-        shutil.rmtree(path)
-    src.rename(path)
+    replace_dir(tmp if name == "default" else tmp / name, path)
     shutil.rmtree(tmp, ignore_errors=True)
     return path
 

@@ -22,7 +22,7 @@ from ..io import atomic_write_json
 from ..models import DEFAULT_LM
 from .callbacks import JsonlLogCallback, NanGuardCallback, plot_loss
 from .lora import LoraSettings, merge_and_save
-from .sft import last_checkpoint, native_bf16, plain_forward
+from .sft import last_checkpoint, native_bf16, plain_forward, save_final
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,7 @@ def train_and_save(trainer, s: AlignSettings, title: str) -> dict:
         raise TrainingDiverged(f"{title}: training ended with a non-finite loss ({result['train_loss']}); "
                                f"the last good checkpoint in {out} is kept")
     if s.save_final:
-        trainer.save_model(str(out / "final"))
-        trainer.processing_class.save_pretrained(str(out / "final"))
-        result["final_dir"] = str(out / "final")
+        result["final_dir"] = str(save_final(trainer, out / "final"))
     if s.merge:
         result["merged_dir"] = str(merge_and_save(trainer.model, trainer.processing_class,
                                                   out / "final-merged"))

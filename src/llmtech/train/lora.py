@@ -40,11 +40,13 @@ def analytic_lora_params(shapes: dict[str, tuple[int, int]], r: int) -> int:
 
 def merge_and_save(model, tokenizer, path: str | Path) -> Path:
     """Fold the adapters into the base weights (W + B·A·alpha/r) and save a plain model."""
-    path = Path(path)
+    from ..io import staged_dir
+
     merged = model.merge_and_unload() if isinstance(model, PeftModel) else model
-    merged.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    with staged_dir(path) as tmp:  # a killed save never leaves a half-written model at `path`
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(path)
 
 
 def delta_weight(peft_model, module_name: str) -> torch.Tensor:

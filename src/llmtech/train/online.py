@@ -26,7 +26,7 @@ from ..models import DEFAULT_LM
 from . import rollout as ro
 from .callbacks import JsonlLogCallback, NanGuardCallback, plot_loss
 from .lora import LoraSettings, lora_config, merge_and_save
-from .sft import last_checkpoint, native_bf16
+from .sft import last_checkpoint, save_final, native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -161,21 +161,11 @@ def run_grpo(s: GRPOSettings, model=None, tokenizer=None, scorer=None, callbacks
         after = ro.evaluate_policy(policy, tok, eval_prompts, scorer, max_new_tokens=eval_new,
                                    kl=s.eval_kl, kl_temperature=s.temperature, seed=s.seed,
                                    batch_size=s.gen_batch_size)
-        result.update(eval_score_after=after["score"], eval_kl_after=after.get("kl"),
-                      eval_response_len_after=after["response_len"])
-        samples = [{"prompt": p[-1]["content"], "after": a, "score_after": sa}
-                   for p, a, sa in zip(eval_prompts, after["responses"], after["scores"])]
-        if before is not None:
-            result.update(eval_score_before=before["score"], eval_response_len_before=before["response_len"],
-                          eval_score_gain=after["score"] - before["score"],
-                          eval_win_rate=ro.win_rate(after["scores"], before["scores"]))
-            for row, b, sb in zip(samples, before["responses"], before["scores"]):
-                row.update(before=b, score_before=sb)
+        fields, samples = ro.before_after(eval_prompts, before, after)
+        result.update(fields)
         atomic_write_jsonl(out / "eval_samples.jsonl", samples)
     if s.save_final:
-        trainer.save_model(str(out / "final"))
-        tok.save_pretrained(str(out / "final"))
-        result["final_dir"] = str(out / "final")
+        result["final_dir"] = str(save_final(trainer, out / "final"))
     if s.merge:
         result["merged_dir"] = str(merge_and_save(trainer.model, tok, out / "final-merged"))
     plot_loss(out / "trainer_log.jsonl", out / "loss.png", title=f"GRPO {s.model}")

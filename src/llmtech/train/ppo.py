@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -34,7 +33,7 @@ from torch import nn
 
 from ..config import StrictModel
 from ..errors import ConfigError, TrainingDiverged
-from ..io import atomic_savefig, atomic_write_json, atomic_write_jsonl
+from ..io import atomic_savefig, atomic_write_json, atomic_write_jsonl, replace_dir, staged_dir
 from ..models import DEFAULT_LM
 from . import rollout as ro
 from .lora import LoraSettings, lora_config, merge_and_save
@@ -343,9 +342,7 @@ def save_checkpoint(out: Path, step: int, policy: PolicyWithValue, opt, ctl, kee
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng.pt")
     atomic_write_json(tmp / STATE_FILE, {"step": step, "controller": ctl.state_dict()})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_dir(tmp, final)
     if keep:
         done = sorted((int(d.name.split("-")[-1]), d) for d in out.glob("checkpoint-*")
                       if d.name.split("-")[-1].isdigit() and (d / STATE_FILE).exists())
@@ -670,29 +667,15 @@ def run_ppo(s: PPOSettings, policy=None, tokenizer=None, scorer=None) -> dict:
         after = ro.evaluate_policy(policy.lm, tokenizer, eval_prompts, scorer, max_new_tokens=eval_new,
                                    kl=s.eval_kl, kl_temperature=s.temperature, seed=s.seed,
                                    batch_size=s.gen_batch_size)  # full precision, like `before`
-        result.update(eval_score_after=after["score"], eval_kl_after=after.get("kl"),
-                      eval_response_len_after=after["response_len"],
-                      eval_ended_share_after=after["ended_share"])
-        samples = [{"prompt": p[-1]["content"], "after": a, "score_after": sa}
-                   for p, a, sa in zip(eval_prompts, after["responses"], after["scores"])]
-        if before is not None:
-            result.update(eval_score_before=before["score"], eval_response_len_before=before["response_len"],
-                          eval_ended_share_before=before["ended_share"],
-                          eval_score_gain=after["score"] - before["score"],
-                          eval_win_rate=ro.win_rate(after["scores"], before["scores"]))
-            for row, b, sb in zip(samples, before["responses"], before["scores"]):
-                row.update(before=b, score_before=sb)
+        fields, samples = ro.before_after(eval_prompts, before, after)
+        result.update(fields)
         atomic_write_jsonl(out / "eval_samples.jsonl", samples)
     if s.save_final:
-        final = out / "final"
-        tmp = out / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        policy.lm.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        torch.save(policy.v_head.state_dict(), tmp / "value_head.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        result["final_dir"] = str(final)
+        with staged_dir(out / "final") as tmp:
+            policy.lm.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            torch.save(policy.v_head.state_dict(), tmp / "value_head.pt")
+        result["final_dir"] = str(out / "final")
     if s.merge:
         result["merged_dir"] = str(merge_and_save(policy.lm, tokenizer, out / "final-merged"))
     atomic_write_json(out / "result.json", result)

@@ -83,7 +83,7 @@ class RewardScorer:
         p = Path(path)
         if not (p / "config.json").exists():
             raise ModelNotAvailable(f"{p}: not a reward model folder (no config.json); train one "
-                                    "with `llmtech train rm` and pass its final/ folder")
+                                    "with `llmtech train rm` and pass its final-merged/ folder")
         model, tok = models.load_reward_lm(str(p))
         model.eval()
         return cls(model, tok, max_length, batch_size)
@@ -100,7 +100,9 @@ class RewardScorer:
         was_training = self.model.training
         self.model.eval()
         tok, out = self.tokenizer, []
+        # right padding; cut long inputs from the left so the reply being scored is kept
         old_side, tok.padding_side = tok.padding_side, "right"
+        old_trunc, tok.truncation_side = tok.truncation_side, "left"
         try:
             texts = self.texts(prompts, responses)
             for i in range(0, len(texts), self.batch_size):
@@ -109,7 +111,7 @@ class RewardScorer:
                 enc = enc.to(self.model.device)
                 out.append(self.model(**enc).logits[:, 0].float().cpu())
         finally:
-            tok.padding_side = old_side
+            tok.padding_side, tok.truncation_side = old_side, old_trunc
             self.model.train(was_training)
         return torch.cat(out) if out else torch.zeros(0)
 
@@ -140,21 +142,34 @@ def calibration(margins: torch.Tensor, bins: int = 10) -> dict:
     m = margins.double().flatten()
     if m.numel() == 0:
         return {}
-    p = torch.sigmoid(m)
-    probs = torch.cat([p, 1 - p])
-    won = torch.cat([torch.ones_like(p), torch.zeros_like(p)])
-    ece = 0.0
-    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    for k in range(bins):
-        lo, hi = edges[k], edges[k + 1]
-        sel = (probs >= lo) & ((probs < hi) if k < bins - 1 else (probs <= hi))
-        if sel.any():
-            ece += float(sel.double().mean() * (probs[sel].mean() - won[sel].mean()).abs())
+    probs, won = _both_orders(m)
+    rel = reliability(m, bins)
+    ece = sum(r["n"] / len(probs) * abs(r["mean_p"] - r["win_rate"]) for r in rel)
     temps = torch.logspace(-1.5, 1.5, 121, dtype=torch.float64)
     nll_t = torch.stack([-torch.nn.functional.logsigmoid(m / t).mean() for t in temps])
     return {"ece": ece, "brier": float(((probs - won) ** 2).mean()),
             "nll": float(-torch.nn.functional.logsigmoid(m).mean()),
             "temperature": float(temps[int(nll_t.argmin())])}
+
+
+def _both_orders(margins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    p = torch.sigmoid(margins.double().flatten())
+    return torch.cat([p, 1 - p]), torch.cat([torch.ones_like(p), torch.zeros_like(p)])
+
+
+def reliability(margins: torch.Tensor, bins: int = 10) -> list[dict]:
+    """Reliability-diagram data: each pair counted in both orders, (p, won) and (1 − p, lost),
+    grouped into ``bins`` equal-width bins of p; per non-empty bin its count, mean predicted
+    probability and observed win rate."""
+    probs, won = _both_orders(margins)
+    rows = []
+    for k in range(bins):
+        lo, hi = k / bins, (k + 1) / bins
+        sel = (probs >= lo) & ((probs < hi) if k < bins - 1 else (probs <= hi))
+        if sel.any():
+            rows.append({"bin": f"{lo:.1f}-{hi:.1f}", "n": int(sel.sum()),
+                         "mean_p": float(probs[sel].mean()), "win_rate": float(won[sel].mean())})
+    return rows
 
 
 def evaluate_pairs(scorer: RewardScorer, rows: list[dict]) -> dict:

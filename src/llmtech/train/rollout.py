@@ -319,3 +319,21 @@ def win_rate(scores_a, scores_b) -> float:
     if a.numel() == 0:
         return math.nan
     return float(((a > b).double() + 0.5 * (a == b).double()).mean())
+
+
+def before_after(prompts: list[list[dict]], before: dict | None, after: dict) -> tuple[dict, list[dict]]:
+    """Flat result fields and per-prompt samples from two ``evaluate_policy`` results (the SFT
+    policy ``before`` training, may be None, and the trained policy ``after``)."""
+    fields = {"eval_score_after": after["score"], "eval_kl_after": after.get("kl"),
+              "eval_response_len_after": after["response_len"],
+              "eval_ended_share_after": after["ended_share"]}
+    samples = [{"prompt": p[-1]["content"], "after": a, "score_after": sa}
+               for p, a, sa in zip(prompts, after["responses"], after["scores"])]
+    if before is not None:
+        fields.update(eval_score_before=before["score"], eval_response_len_before=before["response_len"],
+                      eval_ended_share_before=before["ended_share"],
+                      eval_score_gain=after["score"] - before["score"],
+                      eval_win_rate=win_rate(after["scores"], before["scores"]))
+        for row, b, sb in zip(samples, before["responses"], before["scores"]):
+            row.update(before=b, score_before=sb)
+    return fields, samples

@@ -110,6 +110,17 @@ def plain_forward(model):
     return extract_model_from_parallel(model, keep_fp32_wrapper=False)
 
 
+def save_final(trainer, path: str | Path) -> Path:
+    """The trained adapter (or model) and its tokenizer, written to a temporary folder that
+    replaces ``path`` only when complete."""
+    from ..io import staged_dir
+
+    with staged_dir(path) as tmp:
+        trainer.save_model(str(tmp))
+        trainer.processing_class.save_pretrained(str(tmp))
+    return Path(path)
+
+
 def last_checkpoint(output_dir: str | Path) -> Path | None:
     """Newest complete checkpoint (one whose trainer_state.json was written; a run killed while
     saving leaves an incomplete folder behind, which is skipped)."""
@@ -240,9 +251,7 @@ def run_sft(s: SFTSettings, model=None, tokenizer=None, callbacks=()) -> dict:
 
         raise TrainingDiverged(f"training ended with a non-finite loss ({result['train_loss']})")
     if s.save_final:
-        trainer.save_model(str(out / "final"))
-        trainer.processing_class.save_pretrained(str(out / "final"))
-        result["final_dir"] = str(out / "final")
+        result["final_dir"] = str(save_final(trainer, out / "final"))
     plot_loss(out / "trainer_log.jsonl", out / "loss.png", title=f"SFT {s.model}")
     atomic_write_json(out / "result.json", result)
     plain_forward(trainer.model)  # callers measure the trained model in float32
