@@ -135,7 +135,7 @@ class staged_dir:
         import shutil
 
         shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
