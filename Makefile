@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 
-.PHONY: setup demo test test-fast labs bench report clean gguf
+.PHONY: setup demo test test-fast labs bench report clean gguf serve
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# 知识库问答服务：http://127.0.0.1:8000/ui/ （API 密钥 sk-llmtech-demo，见 configs/serve.yaml）
+serve: $(STAMP)
+	$(BIN)/llmtech serve run --config configs/serve.yaml
 
 labs: $(STAMP)
 	$(BIN)/llmtech lab run-all --quick

@@ -27,6 +27,9 @@ app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(rag_app, name="rag")
+serve_app = typer.Typer(no_args_is_help=True,
+                        help="The knowledge-base service: OpenAI/RAGFlow APIs and a web page.")
+app.add_typer(serve_app, name="serve")
 
 OverridesArg = typer.Argument(None, help="key=value overrides")
 
@@ -335,6 +338,42 @@ def rag_eval(beir: Path = typer.Option(..., "--beir", help="BEIR folder: corpus.
 
 
 # --------------------------------------------------------------------------- entry point
+
+# --------------------------------------------------------------------------- serve
+
+def _serve_config(config: Optional[Path], overrides: list[str]):
+    from .config import load_config
+    from .serve import ServeConfig
+
+    return load_config(ServeConfig, config, overrides)
+
+
+@serve_app.command("run", context_settings={"allow_extra_args": True})
+def serve_run(config: Optional[Path] = typer.Option(None, "--config", help="YAML ServeConfig"),
+              overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Start the service (e.g. `llmtech serve run --config configs/serve.yaml port=8080`)."""
+    from . import serve
+
+    cfg = _serve_config(config, overrides or [])
+    if not cfg.api_keys:
+        typer.echo("note: no api_keys in the config; add one with `llmtech serve add-key`",
+                   err=True)
+    serve.run(cfg)
+
+
+@serve_app.command("add-key", context_settings={"allow_extra_args": True})
+def serve_add_key(tenant: str = typer.Option(..., "--tenant", help="tenant the key acts for"),
+                  config: Optional[Path] = typer.Option(None, "--config"),
+                  overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Create an API key for a tenant (stored hashed in the service's metadata database)."""
+    from .serve.meta import Meta
+
+    cfg = _serve_config(config, overrides or [])
+    meta = Meta(Path(cfg.data_dir) / "meta.sqlite")
+    key = meta.add_key(tenant)
+    meta.close()
+    typer.echo(key)
+
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -153,6 +153,28 @@ def _strip_thinking(text: str) -> str:
     return re.sub(r"<think>.*?(</think>|$)", "", text, flags=re.S).strip()
 
 
+def finish_answer(a: Answer, attribute: bool = False) -> Answer:
+    """Fill in what follows from ``a.text``: refusal, citations (valid and invalid), echoes and,
+    with ``attribute``, the overlap guess. Used for every generated answer, local or served."""
+    a.refused = is_refusal(a.text)
+    text = a.text
+    for n, p in enumerate(a.passages, 1):  # "[n] (source)" copied from the context listing
+        text = re.sub(rf"\[{n}\]\s*\({re.escape(passage_header(p))}\)", " ", text)
+    a.echoed = text != a.text
+    numbers = cited_numbers(text)
+    if a.reason == "closed_book":  # nothing to cite
+        a.invalid_citations = numbers
+        return a
+    a.citations = [n for n in numbers if 1 <= n <= len(a.passages)]
+    a.invalid_citations = [n for n in numbers if n not in a.citations]
+    a.cited_doc_ids = _doc_ids(a.citations, a.passages)
+    if attribute and not a.citations and not a.refused:
+        n = attribute_by_overlap(a.text, a.passages)
+        if n is not None:
+            a.attributed, a.attributed_doc_ids = [n], _doc_ids([n], a.passages)
+    return a
+
+
 class Generator:
     """Greedy answers from a chat LM, grounded in passages (see module docstring).
 
@@ -219,22 +241,7 @@ class Generator:
         return answers
 
     def _finish(self, a: Answer) -> None:
-        a.refused = is_refusal(a.text)
-        text = a.text
-        for n, p in enumerate(a.passages, 1):  # "[n] (source)" copied from the context listing
-            text = re.sub(rf"\[{n}\]\s*\({re.escape(passage_header(p))}\)", " ", text)
-        a.echoed = text != a.text
-        numbers = cited_numbers(text)
-        if a.reason == "closed_book":  # nothing to cite
-            a.invalid_citations = numbers
-            return
-        a.citations = [n for n in numbers if 1 <= n <= len(a.passages)]
-        a.invalid_citations = [n for n in numbers if n not in a.citations]
-        a.cited_doc_ids = _doc_ids(a.citations, a.passages)
-        if self.attribute and not a.citations and not a.refused:
-            n = attribute_by_overlap(a.text, a.passages)
-            if n is not None:
-                a.attributed, a.attributed_doc_ids = [n], _doc_ids([n], a.passages)
+        finish_answer(a, self.attribute)
 
     def _generate(self, texts: list[str]) -> list[tuple[str, int, int, float]]:
         """Greedy continuations in batches (sorted by length: less padding).

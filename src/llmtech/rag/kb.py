@@ -92,31 +92,42 @@ class IndexReport:
 
 
 class KnowledgeBase:
-    def __init__(self, path: Path, config: KBConfig):
+    """``embedder``: an already loaded ``Embedder`` (or anything with its ``encode`` /
+    ``encode_queries`` / ``dim``) to share between knowledge bases, as the service does; its
+    ``model_id`` must be the one the knowledge base was built with."""
+
+    def __init__(self, path: Path, config: KBConfig, embedder=None):
         self.path, self.config = path, config
+        if embedder is not None and embedder.model_id != config.embedder:
+            raise ConfigError(f"{path}: built with embedder {config.embedder}, "
+                              f"not {embedder.model_id}")
         try:
-            self.db = sqlite3.connect(path / "docstore.sqlite")
+            # the service reads from request threads and writes from its parse worker, under
+            # its own per-knowledge-base lock
+            self.db = sqlite3.connect(path / "docstore.sqlite", check_same_thread=False)
             self.db.executescript(SCHEMA)
         except sqlite3.DatabaseError as e:
             raise DataError(f"{path / 'docstore.sqlite'}: not a readable docstore ({e}); "
                             "restore it from a backup or rebuild with a new --kb") from None
-        self._embedder = None
+        self._embedder = embedder
+        self._own_embedder = embedder is None
         self._store = None
         self._bm25: BM25Index | None = None
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def create(cls, path: str | Path, config: KBConfig | None = None) -> "KnowledgeBase":
+    def create(cls, path: str | Path, config: KBConfig | None = None,
+               embedder=None) -> "KnowledgeBase":
         path = Path(path)
         if (path / "kb.json").exists():
             raise ConfigError(f"{path} already holds a knowledge base; open it instead")
         path.mkdir(parents=True, exist_ok=True)
         config = config or KBConfig()
         atomic_write_json(path / "kb.json", config.model_dump())
-        return cls(path, config)
+        return cls(path, config, embedder)
 
     @classmethod
-    def open(cls, path: str | Path) -> "KnowledgeBase":
+    def open(cls, path: str | Path, embedder=None) -> "KnowledgeBase":
         path = Path(path)
         cfg_file = path / "kb.json"
         if not cfg_file.exists():
@@ -125,7 +136,7 @@ class KnowledgeBase:
             config = KBConfig.model_validate(json.loads(cfg_file.read_text(encoding="utf-8")))
         except Exception as e:  # noqa: BLE001
             raise DataError(f"{cfg_file}: not a valid knowledge-base config ({e})") from None
-        return cls(path, config)
+        return cls(path, config, embedder)
 
     @classmethod
     def build(cls, path: str | Path, docs_dir: str | Path,
@@ -139,7 +150,7 @@ class KnowledgeBase:
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
-        if self._embedder is not None and self._embedder.cache is not None:
+        if self._own_embedder and self._embedder is not None and self._embedder.cache is not None:
             self._embedder.cache.close()
         self.db.close()
 
@@ -236,24 +247,38 @@ class KnowledgeBase:
                 report.unchanged.append(doc.source)
                 continue
             (report.updated if doc.source in old else report.added).append(doc.source)
-            chunks = chunk_text(doc.source, doc.text, self.config.chunk, tokenizer,
-                                meta={"title": doc.title})
-            if self.config.quality is not None:
-                chunks, quality = filter_chunks(chunks, self.config.quality)
-                report.bad_chunks += [f"{cid}: {', '.join(issues)}" for cid, issues
-                                      in quality.by_chunk.items() if cid in quality.bad_ids()]
-            for c in chunks:
-                c.id = f"{c.id}:{c.hash[:12]}"
-            writes.append((doc, chunks))
+            writes.append((doc, self._chunks_of(doc, tokenizer, report)))
         present = {d.source for d, _ in writes} | set(report.unchanged)
         current = self.doc_hashes()
         report.deleted = sorted(d for d in current if d not in present)
-        # one transaction for every docstore change
+        self._write(writes, report.deleted, wipe=mode == "full")
+        if mode == "full":
+            self._reset_indexes()
+        self.sync(report, use_cache=use_cache)
+        report.chunks_total = self.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def _chunks_of(self, doc, tokenizer, report: IndexReport) -> list:
+        """A document's chunks, quality-filtered, with content-hash ids."""
+        chunks = chunk_text(doc.source, doc.text, self.config.chunk, tokenizer,
+                            meta={"title": doc.title})
+        if self.config.quality is not None:
+            chunks, quality = filter_chunks(chunks, self.config.quality)
+            report.bad_chunks += [f"{cid}: {', '.join(issues)}" for cid, issues
+                                  in quality.by_chunk.items() if cid in quality.bad_ids()]
+        for c in chunks:
+            c.id = f"{c.id}:{c.hash[:12]}"
+        return chunks
+
+    def _write(self, writes: list[tuple[Any, list]], deleted: Sequence[str],
+               wipe: bool = False) -> None:
+        """Every docstore change in ONE transaction: replaced and deleted documents."""
         with self.db:
-            if mode == "full":
+            if wipe:
                 self.db.execute("DELETE FROM chunks")
                 self.db.execute("DELETE FROM docs")
-            for doc_id in report.deleted + [d.source for d, _ in writes]:
+            for doc_id in list(deleted) + [d.source for d, _ in writes]:
                 self.db.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
                 self.db.execute("DELETE FROM docs WHERE doc_id = ?", (doc_id,))
             now = time.time()
@@ -264,12 +289,64 @@ class KnowledgeBase:
                 self.db.executemany("INSERT INTO chunks VALUES (?,?,?,?,?,?,?)",
                                     [(c.id, c.doc_id, n, c.text, c.start, c.end, c.hash)
                                      for n, c in enumerate(chunks)])
-        if mode == "full":
-            self._reset_indexes()
-        self.sync(report, use_cache=use_cache)
+
+    # ------------------------------------------------------------------ per-document edits
+    def upsert(self, docs: Sequence[Any]) -> IndexReport:
+        """Add or replace these documents (``Document``s, ``source`` = document id) and leave
+        every other document alone: the service's "parse this document"."""
+        t0 = time.perf_counter()
+        report = IndexReport()
+        tokenizer = self.embedder.st.tokenizer if self.config.chunk.strategy == "tokens" else None
+        old = self.doc_hashes()
+        writes = []
+        for doc in docs:
+            if not doc.text.strip():
+                raise DataError(f"{doc.source}: no text to index")
+            (report.updated if doc.source in old else report.added).append(doc.source)
+            writes.append((doc, self._chunks_of(doc, tokenizer, report)))
+        self._write(writes, [])
+        self.sync(report)
         report.chunks_total = self.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
         report.seconds = time.perf_counter() - t0
         return report
+
+    def remove(self, doc_ids: Sequence[str]) -> IndexReport:
+        """Delete these documents and their chunks from the docstore and both indexes."""
+        report = IndexReport(deleted=[d for d in doc_ids if d in self.doc_hashes()])
+        self._write([], report.deleted)
+        return self.sync(report)
+
+    def add_chunk(self, doc_id: str, text: str) -> str:
+        """A hand-written chunk for an existing document; returns its id."""
+        text = text.strip()
+        if not text:
+            raise DataError("a chunk needs some text")
+        if doc_id not in self.doc_hashes():
+            raise DataError(f"{doc_id}: no such document in {self.path}")
+        n = self.db.execute("SELECT COALESCE(MAX(n), -1) + 1 FROM chunks WHERE doc_id = ?",
+                            (doc_id,)).fetchone()[0]
+        h = text_hash(text)
+        cid = f"{doc_id}#{n}:{h[:12]}"
+        with self.db:
+            self.db.execute("INSERT INTO chunks VALUES (?,?,?,?,?,?,?)",
+                            (cid, doc_id, n, text, 0, 0, h))
+            self.db.execute("UPDATE docs SET n_chunks = n_chunks + 1 WHERE doc_id = ?", (doc_id,))
+        self.sync()
+        return cid
+
+    def delete_chunks(self, ids: Sequence[str]) -> int:
+        """Delete chunks by id; returns how many existed."""
+        found = [r[0] for r in self.chunk_rows(list(ids))]
+        with self.db:
+            for cid in found:
+                doc_id = self.db.execute("SELECT doc_id FROM chunks WHERE id = ?",
+                                         (cid,)).fetchone()[0]
+                self.db.execute("DELETE FROM chunks WHERE id = ?", (cid,))
+                self.db.execute("UPDATE docs SET n_chunks = n_chunks - 1 WHERE doc_id = ?",
+                                (doc_id,))
+        if found:
+            self.sync()
+        return len(found)
 
     def _reset_indexes(self) -> None:
         if self.config.store in ("faiss", "chroma"):
