@@ -230,7 +230,7 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
     def root():
         return RedirectResponse("/ui/")
 
-    app.mount("/ui", StaticFiles(directory=WEB, html=True), name="ui")
+    app.mount("/ui", StaticFiles(directory=WEB, html=True, check_dir=False), name="ui")
 
     # ------------------------------------------------------------------ OpenAI-compatible
     @app.get("/v1/models")
