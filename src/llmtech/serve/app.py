@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
+import anyio
 from fastapi import Depends, FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
@@ -59,6 +60,47 @@ def _error(request: Request, status: int, message: str, headers: dict | None = N
                 503: "server_busy"}.get(status, "invalid_request_error")
         body = {"error": {"message": message, "type": kind, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+_END = object()
+
+
+def _next(gen):
+    try:
+        return next(gen)
+    except StopIteration:
+        return _END
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events from a blocking generator, closed for certain when the response ends.
+
+    Each ``next`` runs in the thread pool. However the response ends - finished, the client
+    hung up (the send fails or the disconnect cancels the task), an error - ``cancel`` is set
+    and the generator is closed, so the model stops generating and its Gate slot is released
+    at once instead of whenever the garbage collector gets to it.
+    """
+
+    def __init__(self, gen, cancel: threading.Event):
+        from starlette.concurrency import run_in_threadpool
+
+        async def body():
+            try:
+                while (item := await run_in_threadpool(_next, gen)) is not _END:
+                    yield item
+            finally:
+                cancel.set()
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(gen.close)
+
+        super().__init__(body(), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 def ok(data: Any = None) -> dict[str, Any]:
@@ -302,10 +344,9 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
                     yield f"data: {json.dumps(obj)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
-                cancel.set()  # the client went away: stop generating
                 stream.close()
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return EventStream(events(), cancel)
 
     @app.post("/v1/chat/completions")
     def chat_completions(body: ChatRequest, who: str = Depends(tenant)):
@@ -766,10 +807,9 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
                 yield f"data:{json.dumps(data(reply.text.strip(), True), ensure_ascii=False)}\n\n"
                 yield f"data:{json.dumps({'code': 0, 'message': '', 'data': True})}\n\n"
             finally:
-                cancel.set()
                 stream.close()
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return EventStream(events(), cancel)
 
     @app.post("/api/v1/chats_openai/{chat_id}/chat/completions")
     def ragflow_openai(chat_id: str, body: ChatRequest, who: str = Depends(tenant)):

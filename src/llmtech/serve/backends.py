@@ -216,7 +216,7 @@ class RemoteEmbedder:
         if not backend.base_url:
             raise ConfigError("embedding.base_url is required when embedding.kind=openai")
         self.name = backend.model or "default"
-        self.model_id = f"openai:{backend.base_url.rstrip('/')}#{self.name}"
+        self.model_id = f"openai:{self.name}"  # vectors depend on the model, not its address
         self.client = OpenAI(base_url=backend.base_url, api_key=backend.api_key,
                              timeout=backend.timeout_s, max_retries=1)
         self.cache = None
