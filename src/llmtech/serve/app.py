@@ -265,8 +265,12 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
     # ------------------------------------------------------------------ health and page
     @app.get("/health")
     def health():
-        return {"status": "ok", "generation": svc.chat.name, "embedding": svc.embedder.model_id,
-                "running": svc.gate.running, "queued": svc.gate.waiting}
+        emb = svc.embedder
+        return {"status": "ok", "generation": svc.chat.name, "embedding": emb.model_id,
+                "running": svc.gate.running, "queued": svc.gate.waiting,
+                "query_embeddings": {"computed": getattr(emb, "queries", None),
+                                     "batches": getattr(emb, "batches", None),
+                                     "cache_hits": getattr(emb, "cache_hits", None)}}
 
     @app.get("/")
     def root():
@@ -542,7 +546,7 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
         get_dataset(who, ds_id)
         doc = get_document(who, ds_id, doc_id)
         kb, lock = svc.kb(ds_id)
-        with lock:
+        with lock.read():
             rows = kb.db.execute('SELECT id, doc_id, text, start, "end" FROM chunks '
                                  "WHERE doc_id = ? ORDER BY n", (doc_id,)).fetchall()
         if id:
@@ -559,7 +563,7 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
         if doc["run"] != DONE:
             raise ApiError(400, f"document {doc_id} is not parsed yet (state {doc['run']})")
         kb, lock = svc.kb(ds_id)
-        with lock:
+        with lock.write():
             cid = kb.add_chunk(doc_id, body.content)
             row = kb.chunk_rows([cid])[0]
             n = kb.db.execute("SELECT COUNT(*) FROM chunks WHERE doc_id = ?",
@@ -575,7 +579,7 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
         get_dataset(who, ds_id)
         get_document(who, ds_id, doc_id)
         kb, lock = svc.kb(ds_id)
-        with lock:
+        with lock.write():
             have = [r[0] for r in kb.db.execute("SELECT id FROM chunks WHERE doc_id = ?",
                                                 (doc_id,))]
             ids = have if not body or body.chunk_ids is None else body.chunk_ids
@@ -592,7 +596,7 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
         """One chunk by id (the web page shows a cited chunk with it)."""
         get_dataset(who, ds_id)
         kb, lock = svc.kb(ds_id)
-        with lock:
+        with lock.read():
             rows = kb.chunk_rows([chunk_id])
         if not rows:
             raise ApiError(404, f"chunk {chunk_id} not found")

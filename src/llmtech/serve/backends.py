@@ -255,4 +255,87 @@ def make_chat(backend: Backend):
 
 
 def make_embedder(backend: Backend):
-    return LocalEmbedder(backend.model) if backend.kind == "local" else RemoteEmbedder(backend)
+    inner = LocalEmbedder(backend.model) if backend.kind == "local" else RemoteEmbedder(backend)
+    return BatchingEmbedder(inner)
+
+
+class BatchingEmbedder:
+    """Dynamic batching of query embeddings: concurrent requests share one forward pass.
+
+    A retrieval request spends almost all of its time embedding its one query (about 16 ms
+    for MiniLM on this CPU). Sixteen clients asking at once would queue for sixteen forward
+    passes; here a worker thread takes every query waiting (up to ``max_batch``) and embeds
+    them together, which costs little more than one. Document embedding (indexing) passes
+    straight through. Everything else is the wrapped embedder's.
+
+    Customer questions repeat ("how long is the warranty?"), so the last ``cache_size`` query
+    vectors are kept (LRU); ``cache_hits`` counts them, so a benchmark can tell cached from
+    computed throughput.
+    """
+
+    def __init__(self, inner, max_batch: int = 32, cache_size: int = 4096):
+        import queue
+        from collections import OrderedDict
+
+        self.inner, self.max_batch, self.cache_size = inner, max_batch, cache_size
+        self._q: queue.Queue = queue.Queue()
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self.batches = 0   # forward passes run, for the benchmark
+        self.queries = 0
+        self.cache_hits = 0
+        threading.Thread(target=self._loop, name="query-batcher", daemon=True).start()
+
+    def __getattr__(self, name):  # model_id, dim, cache, stats, st, covers, ...
+        return getattr(self.inner, name)
+
+    def encode(self, texts: Sequence[str], query: bool = False) -> np.ndarray:
+        if not query:
+            return self.inner.encode(texts)
+        return self.encode_queries(texts)
+
+    def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
+        from concurrent.futures import Future
+
+        futures = []
+        for q in queries:
+            f: Future = Future()
+            with self._cache_lock:
+                hit = self._cache.get(q)
+                if hit is not None:
+                    self._cache.move_to_end(q)
+                    self.cache_hits += 1
+            if hit is not None:
+                f.set_result(hit)
+            else:
+                self._q.put((q, f))
+            futures.append(f)
+        if not futures:
+            return self.inner.encode_queries([])
+        return np.stack([f.result() for f in futures])
+
+    def _loop(self) -> None:
+        import queue
+
+        while True:
+            items = [self._q.get()]
+            while len(items) < self.max_batch:
+                try:
+                    items.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                vecs = self.inner.encode_queries([q for q, _ in items])
+                with self._cache_lock:
+                    for (q, _), v in zip(items, vecs):
+                        self._cache[q] = v
+                        self._cache.move_to_end(q)
+                    while len(self._cache) > self.cache_size:
+                        self._cache.popitem(last=False)
+                for (_, f), v in zip(items, vecs):
+                    f.set_result(v)
+            except Exception as e:  # noqa: BLE001 - every waiting request gets the error
+                for _, f in items:
+                    f.set_exception(e)
+            self.batches += 1
+            self.queries += len(items)

@@ -17,6 +17,7 @@ so a kill during parsing loses nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import shutil
@@ -38,8 +39,42 @@ from .meta import CANCEL, DONE, FAIL, RUNNING, Meta
 log = logging.getLogger(__name__)
 
 
-class NotFound(LlmtechError):
-    pass
+class RWLock:
+    """Many readers (searches) or one writer (indexing) at a time. Searches only read the
+    FAISS and BM25 indexes and the docstore, so they may run side by side; adding or removing
+    chunks must not overlap with any of them."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+
+    @contextlib.contextmanager
+    def read(self):
+        with self._cond:
+            while self._writing:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self):
+        with self._cond:
+            while self._writing or self._readers:
+                self._cond.wait()
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
 
 
 @dataclass
@@ -67,7 +102,7 @@ class Service:
         self.gate = Gate(lim.max_concurrent_generations, lim.max_queued_generations,
                          lim.queue_timeout_s)
         self._kbs: dict[str, KnowledgeBase] = {}
-        self._locks: dict[str, threading.RLock] = {}
+        self._locks: dict[str, RWLock] = {}
         self._kbs_lock = threading.Lock()
         self.assistant_kb = self._open_assistant_kb()
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -112,7 +147,7 @@ class Service:
     def dataset_dir(self, ds_id: str) -> Path:
         return self.root / "datasets" / ds_id
 
-    def kb(self, ds_id: str) -> tuple[KnowledgeBase, threading.RLock]:
+    def kb(self, ds_id: str) -> tuple[KnowledgeBase, RWLock]:
         with self._kbs_lock:
             if ds_id not in self._kbs:
                 path = self.dataset_dir(ds_id) / "kb"
@@ -121,7 +156,7 @@ class Service:
                 else:
                     kb = KnowledgeBase.create(path, self._kb_config(), embedder=self.embedder)
                 self._kbs[ds_id] = kb
-                self._locks[ds_id] = threading.RLock()
+                self._locks[ds_id] = RWLock()
             return self._kbs[ds_id], self._locks[ds_id]
 
     def drop_kb(self, ds_id: str) -> None:
@@ -161,7 +196,7 @@ class Service:
 
     def delete_documents(self, ds_id: str, docs: list[dict[str, Any]]) -> None:
         kb, lock = self.kb(ds_id)
-        with lock:
+        with lock.write():
             kb.remove([d["id"] for d in docs])
         for d in docs:
             self.meta.delete_document(d["id"])
@@ -211,7 +246,7 @@ class Service:
         loaded.source, loaded.title = doc_id, doc["name"]
         self.meta.set_document(doc_id, progress=0.4, progress_msg="chunking and embedding")
         kb, lock = self.kb(doc["dataset_id"])
-        with lock:
+        with lock.write():
             kb.upsert([loaded])
             n_chunks = kb.db.execute("SELECT COUNT(*) FROM chunks WHERE doc_id = ?",
                                      (doc_id,)).fetchone()[0]
@@ -235,7 +270,7 @@ class Service:
         depth = max(k, 20) if not doc_ids else max(4 * k, 100)
         for ds_id in ds_ids:
             kb, lock = self.kb(ds_id)
-            with lock:
+            with lock.read():
                 if not kb.db.execute("SELECT 1 FROM chunks LIMIT 1").fetchone():
                     continue
                 dense = kb.search(question, depth, mode="dense")
@@ -267,7 +302,7 @@ class Service:
         found: list[Passage] = []
         for ds_id in ds_ids:
             kb, lock = self.kb(ds_id)
-            with lock:
+            with lock.read():
                 if kb.db.execute("SELECT 1 FROM chunks LIMIT 1").fetchone():
                     for p in kb.search(question, k):
                         p.meta["dataset_id"] = ds_id

@@ -52,7 +52,13 @@ function formatBytes(n) {
 
 // =====================================================================  本地设置
 
-const ASSISTANT_MODEL = "llmtech-kb";
+const ASSISTANT_MODEL = "llmtech-kb";   // 服务器默认的知识库助手模型名（assistant_model）
+let generationModel = "";              // /health 报告的生成模型名：它直接对话、不检索
+
+// 知识库助手 = 生成模型以外的那个模型（名字可以在服务器配置里改）。
+function isAssistant(model) {
+  return generationModel ? model !== generationModel : model === ASSISTANT_MODEL;
+}
 const KEYS = { key: "llmtech.apiKey", model: "llmtech.model", maxTokens: "llmtech.maxTokens",
                source: "llmtech.source" };
 
@@ -169,15 +175,17 @@ function showView(name) {
 async function refreshHealth() {
   const badge = $("health-badge");
   const table = $("health-table");
-  clear(table);
   try {
     const h = await api("/health");
+    generationModel = h.generation;
+    clear(table);
     badge.className = "health ok";
     badge.querySelector(".health-text").textContent = `服务正常 · ${h.generation}`;
     const rows = [["状态", h.status], ["生成模型", h.generation], ["嵌入模型", h.embedding],
                   ["正在生成", h.running], ["排队中", h.queued]];
     for (const [name, value] of rows) table.append(el("dt", {}, name), el("dd", {}, value));
   } catch (err) {
+    clear(table);
     badge.className = "health down";
     badge.querySelector(".health-text").textContent = "服务不可用";
     table.append(el("dt", {}, "状态"), el("dd", { class: "error-text" }, describeError(err)));
@@ -197,7 +205,7 @@ async function loadModels() {
   const data = await api("/v1/models");
   clear(select);
   for (const m of data.data) {
-    const label = m.id === ASSISTANT_MODEL ? `${m.id}（知识库助手）` : `${m.id}（直接对话）`;
+    const label = isAssistant(m.id) ? `${m.id}（知识库助手）` : `${m.id}（直接对话）`;
     select.append(el("option", { value: m.id }, label));
   }
   const ids = data.data.map((m) => m.id);
@@ -213,7 +221,10 @@ function fillSourceOptions(datasets) {
   for (const d of datasets) {
     select.append(el("option", { value: d.id }, `数据集：${d.name}（${d.chunk_count} 个分块）`));
   }
-  if (!datasets.some((d) => d.id === settings.source)) settings.source = "";
+  if (settings.source && !datasets.some((d) => d.id === settings.source)) {
+    settings.source = "";          // 所选数据集已被删除：回到共享知识库
+    persistSettings();
+  }
   select.value = settings.source;
 }
 
@@ -223,9 +234,7 @@ async function saveSettings(event) {
   const msg = $("settings-msg");
   settings.key = $("api-key").value.trim();
   settings.maxTokens = Math.max(1, parseInt($("max-tokens").value, 10) || 128);
-  settings.model = $("model-select").value || settings.model;
-  settings.source = $("source-select").value;
-  persistSettings();
+  persistSettings();   // 模型和回答依据在下拉框改变时已经保存（onSettingChanged）
   if (!settings.key) {
     setMsg(msg, "请填写 API 密钥。", "error");
     return;
@@ -264,7 +273,7 @@ const chat = {
 };
 
 function sourceLabel() {
-  if (settings.model !== ASSISTANT_MODEL) return `模型 ${settings.model} · 直接对话（不检索）`;
+  if (!isAssistant(settings.model)) return `模型 ${settings.model} · 直接对话（不检索）`;
   if (!settings.source) return `模型 ${settings.model} · 回答依据：共享知识库`;
   const name = chat.datasetNames[settings.source] || settings.source;
   return `模型 ${settings.model} · 回答依据：数据集「${name}」`;
@@ -277,7 +286,7 @@ function updateChatSource() {
 function requestBody() {
   const body = { model: settings.model, stream: true, max_tokens: settings.maxTokens,
                  messages: chat.history.slice() };
-  if (settings.model === ASSISTANT_MODEL && settings.source) body.dataset_ids = [settings.source];
+  if (isAssistant(settings.model) && settings.source) body.dataset_ids = [settings.source];
   return body;
 }
 
@@ -350,7 +359,8 @@ function renderReferences(node, refs) {
   node.append(el("div", { class: "refs-title" }, `参考资料（${refs.length}）`));
   const list = el("ol", { class: "refs" });
   for (const ref of refs) {
-    const item = el("li", { class: "ref" + (ref.cited ? " cited" : ""), dataset: { n: String(ref.n) } },
+    const item = el("li", { class: "ref" + (ref.cited ? " cited" : ""),
+                            dataset: { n: String(ref.n), chunkId: ref.id } },
       el("a", { href: "#", class: "ref-link",
                 onclick: (e) => { e.preventDefault(); openReference(ref); } },
          el("span", { class: "ref-n" }, `[${ref.n}]`),
@@ -377,10 +387,18 @@ function openReference(ref) {
   $("ref-text").textContent = ref.content;
   $("ref-panel").classList.remove("hidden");
   $("ref-panel").dataset.chunkId = ref.id;
+  document.body.classList.add("ref-open");
+  // 在参考列表中高亮正在查看的那一条
+  for (const item of document.querySelectorAll(".ref.active")) item.classList.remove("active");
+  for (const item of document.querySelectorAll(".ref")) {
+    if (item.dataset.chunkId === ref.id) item.classList.add("active");
+  }
 }
 
 function closeReference() {
   $("ref-panel").classList.add("hidden");
+  document.body.classList.remove("ref-open");
+  for (const item of document.querySelectorAll(".ref.active")) item.classList.remove("active");
 }
 
 // 在消息区加一条消息，返回它的各个部分。
@@ -450,12 +468,23 @@ async function sendQuestion(question) {
       view.msg.classList.add("failed");
       view.refs.append(el("div", { class: "error-box" }, describeError(err)));
       noteAuthError(err);
+      if (err.status === 404 && settings.source) await recheckSource(view);
     }
   } finally {
     view.msg.classList.remove("streaming");
     chat.abort = null;
     setBusy(false);
     view.msg.scrollIntoView({ block: "end" });
+  }
+}
+
+// 所选数据集可能已在别处被删除：重新取数据集列表，必要时回到共享知识库并告诉用户。
+async function recheckSource(view) {
+  const before = settings.source;
+  if (await loadDatasets() && settings.source !== before) {
+    view.refs.append(el("div", { class: "bubble-status" },
+                        "所选数据集已不存在，回答依据已切换回共享知识库，请重新提问。"));
+    updateChatSource();
   }
 }
 
@@ -489,7 +518,10 @@ const ds = {
 
 // 列出数据集，同时刷新「回答依据」下拉框。出错时在数据集页提示并返回 false。
 async function loadDatasets() {
-  if (!settings.key) return;
+  if (!settings.key) {
+    setMsg($("ds-msg"), "请先在「设置」中填写 API 密钥。", "error");
+    return false;
+  }
   try {
     ds.list = await api("/api/v1/datasets?page_size=100");
   } catch (err) {
@@ -727,9 +759,10 @@ function bindEvents() {
 async function init() {
   bindEvents();
   fillSettingsForm();
-  fillSourceOptions([]);
+  // 在取到模型和数据集列表之前，下拉框里先只放已保存的选择
   $("model-select").append(el("option", { value: settings.model }, settings.model));
-  refreshHealth();
+  $("source-select").append(el("option", { value: "" }, "共享知识库（默认）"));
+  await refreshHealth();
   setInterval(refreshHealth, 15000);
   if (!settings.key) {
     showView("settings");
