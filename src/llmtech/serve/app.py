@@ -298,7 +298,9 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
         return [{"n": n, "id": p.id, "document_id": p.doc_id,
                  "document_name": p.title or p.doc_id,
                  "dataset_id": p.meta.get("dataset_id"), "content": p.text,
-                 "similarity": round(float(p.score), 6), "cited": n in cited}
+                 # the hybrid retriever's fused score: it orders passages, it is not a 0..1
+                 # similarity (POST /api/v1/retrieval gives RAGFlow-style similarities)
+                 "score": round(float(p.score), 6), "cited": n in cited}
                 for n, p in enumerate(reply.passages, 1)]
 
     def openai_chat(body: ChatRequest, who: str, ds_ids: list[str] | None,

@@ -365,7 +365,8 @@ function renderReferences(node, refs) {
                 onclick: (e) => { e.preventDefault(); openReference(ref); } },
          el("span", { class: "ref-n" }, `[${ref.n}]`),
          el("span", { class: "ref-name" }, ref.document_name)),
-      el("span", { class: "ref-sim" }, `相似度 ${Number(ref.similarity).toFixed(3)}`),
+      el("span", { class: "ref-sim", title: "混合检索的融合得分，只用于排序，越高越相关" },
+         `检索得分 ${Number(ref.score).toFixed(3)}`),
       el("span", { class: "tag " + (ref.cited ? "tag-ok" : "tag-muted") },
          ref.cited ? "已引用" : "未引用"));
     list.append(item);
@@ -381,7 +382,7 @@ function openReference(ref) {
   const source = ref.dataset_id
     ? `数据集「${chat.datasetNames[ref.dataset_id] || ref.dataset_id}」` : "共享知识库";
   const rows = [["文档", ref.document_name], ["文档 ID", ref.document_id], ["来源", source],
-                ["相似度", Number(ref.similarity).toFixed(4)],
+                ["检索得分（融合分，仅表示排序）", Number(ref.score).toFixed(4)],
                 ["回答是否引用", ref.cited ? "是" : "否"], ["分块 ID", ref.id]];
   for (const [name, value] of rows) meta.append(el("dt", {}, name), el("dd", {}, value));
   $("ref-text").textContent = ref.content;
