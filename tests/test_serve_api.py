@@ -144,6 +144,16 @@ def test_failed_parse_reports_reason_and_spares_others(client):
     assert hits and hits[0]["document_name"] == "ok.md"
 
 
+def test_gbk_upload_is_decoded(client):
+    text = "云杉智能门锁 L3 的电池可以用十二个月。".encode("gbk")
+    ds, doc = make_dataset(client, "gbk", text=text)
+    d = client.get(f"/api/v1/datasets/{ds}/documents", headers=KEYS).json()["data"]["docs"][0]
+    assert d["run"] == "DONE", d
+    hits = client.post("/api/v1/retrieval", headers=KEYS, json={
+        "question": "门锁电池", "dataset_ids": [ds], "similarity_threshold": 0}).json()["data"]
+    assert "十二个月" in hits["chunks"][0]["content"]
+
+
 def test_chunks_add_and_delete_change_retrieval(client):
     ds, doc = make_dataset(client, "chunks")
     base = f"/api/v1/datasets/{ds}/documents/{doc}/chunks"

@@ -243,5 +243,8 @@ def test_serve_cli_bad_config_is_one_line(tmp_path):
     bad.write_text("port: [1, 2\n")
     r = run_cli("serve", "run", "--config", bad, timeout=60)
     assert r.returncode == 2 and "serve.yaml" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("serve", "run", "generation.model=/no/such/model", "kb_docs=null",
+                f"data_dir={tmp_path / 'm'}", timeout=120)
+    assert r.returncode == 2 and "/no/such/model" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("serve", "add-key", "--tenant", "carol", f"data_dir={tmp_path / 'd'}", timeout=60)
     assert r.returncode == 0 and r.stdout.strip().startswith("sk-")
