@@ -245,3 +245,34 @@ def test_embeddings_endpoint(client):
     assert r.status_code == 422
     r = client.post("/v1/embeddings", headers=KEYS, json={"input": ["x"] * 300})
     assert r.status_code == 413
+
+
+def test_datasets_on_a_pgvector_server(tmp_path):
+    """`kb.store=pgvector` from the config: each dataset gets its own table on a real
+    PostgreSQL + pgvector server, and deleting the dataset deletes its vectors."""
+    from fastapi.testclient import TestClient
+
+    from llmtech.rag.stores import load_store, local_postgres
+    from llmtech.serve import ServeConfig, create_app
+
+    server, url = local_postgres(tmp_path / "pg", cleanup_mode="delete")
+    try:
+        cfg = ServeConfig(data_dir=str(tmp_path / "serve"), kb_docs=None,
+                          api_keys={"key-alice": "alice"}, generation={"model": "tiny-llama"},
+                          kb={"store": "pgvector", "store_options": {"url": url}})
+        app = create_app(cfg)
+        with TestClient(app) as c:
+            c.service = app.state.service
+            ds, doc = make_dataset(c, "pg", text=b"# Lamp\n\nThe S9 lamp has a 3 year warranty.")
+            kb, _ = c.service.kb(ds)
+            table = kb.config.store_options["table"]
+            assert table.endswith(ds) and len(kb.store) >= 1
+            hits = c.post("/api/v1/retrieval", headers=KEYS, json={
+                "question": "S9 lamp warranty", "dataset_ids": [ds],
+                "similarity_threshold": 0}).json()["data"]["chunks"]
+            assert hits and "S9" in hits[0]["content"]
+            assert c.request("DELETE", "/api/v1/datasets", headers=KEYS,
+                             json={"ids": [ds]}).json()["code"] == 0
+            assert len(load_store("pgvector", url, table=table)) == 0
+    finally:
+        server.cleanup()

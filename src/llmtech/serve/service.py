@@ -127,8 +127,16 @@ class Service:
         self.meta.close()
 
     # ------------------------------------------------------------------ knowledge bases
-    def _kb_config(self):
-        return self.config.kb.model_copy(update={"embedder": self.embedder.model_id})
+    def _kb_config(self, name: str):
+        """The configured KBConfig for one knowledge base. Server stores are shared by every
+        dataset, so each dataset gets its own pgvector table / Elasticsearch index."""
+        cfg = self.config.kb
+        opts = dict(cfg.store_options)
+        if cfg.store == "pgvector":
+            opts["table"] = f"{opts.get('table', 'llmtech_chunks')}_{name}"
+        elif cfg.store == "elasticsearch":
+            opts["index"] = f"{opts.get('index', 'llmtech')}-{name}".lower()
+        return cfg.model_copy(update={"embedder": self.embedder.model_id, "store_options": opts})
 
     def _open_assistant_kb(self) -> KnowledgeBase | None:
         if not self.config.kb_docs:
@@ -137,7 +145,7 @@ class Service:
         if (path / "kb.json").exists():
             kb = KnowledgeBase.open(path, embedder=self.embedder)
         else:
-            kb = KnowledgeBase.create(path, self._kb_config(), embedder=self.embedder)
+            kb = KnowledgeBase.create(path, self._kb_config("assistant"), embedder=self.embedder)
         report = kb.update(self.config.kb_docs)
         log.info("assistant knowledge base %s: %d documents, %d chunks (%d new)",
                  self.config.kb_docs, len(report.added) + len(report.updated) +
@@ -154,17 +162,22 @@ class Service:
                 if (path / "kb.json").exists():
                     kb = KnowledgeBase.open(path, embedder=self.embedder)
                 else:
-                    kb = KnowledgeBase.create(path, self._kb_config(), embedder=self.embedder)
+                    kb = KnowledgeBase.create(path, self._kb_config(ds_id), embedder=self.embedder)
                 self._kbs[ds_id] = kb
                 self._locks[ds_id] = RWLock()
             return self._kbs[ds_id], self._locks[ds_id]
 
     def drop_kb(self, ds_id: str) -> None:
-        with self._kbs_lock:
-            kb = self._kbs.pop(ds_id, None)
-            self._locks.pop(ds_id, None)
-        if kb is not None:
-            kb.close()
+        """Delete a dataset's files and indexes (its vectors too, when they live on a server)."""
+        if (self.dataset_dir(ds_id) / "kb" / "kb.json").exists():
+            kb, lock = self.kb(ds_id)
+            with lock.write():
+                if kb.config.store in ("pgvector", "elasticsearch"):
+                    kb.store.delete(kb.store.ids())
+                with self._kbs_lock:
+                    self._kbs.pop(ds_id, None)
+                    self._locks.pop(ds_id, None)
+                kb.close()
         shutil.rmtree(self.dataset_dir(ds_id), ignore_errors=True)
 
     # ------------------------------------------------------------------ documents
