@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -85,7 +86,8 @@ class LocalChat:
     """A chat LM in this process; one generation at a time (the Gate sees to that)."""
 
     def __init__(self, model_id: str, model=None, tokenizer=None):
-        self.name = model_id
+        # a model folder is listed by its last two path parts: runs/demo/dpo/merged -> dpo/merged
+        self.name = "/".join(Path(model_id).parts[-2:]) if Path(model_id).is_dir() else model_id
         if model is None or tokenizer is None:
             model, tokenizer = models.load_lm(model_id)
         self.model, self.tok = model.eval(), tokenizer
