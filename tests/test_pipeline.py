@@ -25,7 +25,7 @@ def tiny_run(tmp_path_factory):
 
 
 def share(v) -> bool:
-    return v is None or (isinstance(v, float) and 0.0 <= v <= 1.0)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
 
 
 @pytest.mark.slow
@@ -56,9 +56,12 @@ def test_every_stage_is_measured(tiny_run):
     assert (m["questions"], m["questions_unanswerable"], m["questions_zh"]) == (4, 2, 2)
     for side in ("aligned", "base"):
         for k in ("answer_acc", "answer_acc_zh", "answer_acc_en", "refusal_acc",
-                  "refused_unanswerable", "false_refusal", "cited_share", "citation_acc",
-                  "retrieval_hit_at_4"):
+                  "refused_unanswerable", "false_refusal", "cited_share", "retrieval_hit_at_4"):
             assert share(m[f"{side}_{k}"]), f"{side}_{k}"
+        # defined only when something was cited
+        assert share(m[f"{side}_citation_acc"]) or (m[f"{side}_citation_acc"] is None
+                                                    and m[f"{side}_cited_share"] == 0)
+        assert m[f"{side}_cited_flags_agree"] is True
         assert 0 < m[f"{side}_latency_p50_s"] <= m[f"{side}_latency_p95_s"]
         assert m[f"{side}_tokens_per_s"] > 0
         assert m[f"{side}_index_reused"] is True
@@ -88,19 +91,36 @@ def test_answers_and_report(tiny_run):
     assert m["aligned_answer_acc"] == pytest.approx(
         sum(r["correct"] for r in answerable) / len(answerable), abs=1e-4)
     report = (out / "report.md").read_text(encoding="utf-8")
-    for text in ("### Stages", "held-out response loss", "held-out preference accuracy",
-                 "answer accuracy", "citation accuracy", "latency p95", "aligned (SFT+DPO)"):
-        assert text in report
+    for text in ("### 各阶段", "response loss", "偏好准确率", "答案准确率", "引用准确率",
+                 "延迟 p95", "对齐后 SFT+DPO", "起点模型 tiny-llama", m["compared"]):
+        assert text in report, text
+    stage_lines = [line for line in report.splitlines() if line.startswith("| ")]
+    for label in ("1 sft", "2 dpo", "3 index", "4 serve", "5 answer", "6 stop", "7 baseline"):
+        assert any(line.startswith(f"| {label} |") for line in stage_lines), label
     assert (out / "serve_aligned.log").exists() and (out / "serve_base.log").exists()
 
 
 def test_questions_are_balanced():
-    cfg = pipeline.PipelineConfig(questions=10, unanswerable=4, qa_file=str(SUPPORT / "eval_qa.jsonl"))
+    cfg = pipeline.PipelineConfig(questions=10, unanswerable=4,
+                                  qa_file=str(SUPPORT / "eval_qa.jsonl"))
     qs = pipeline.load_questions(cfg)
     assert len(qs) == 10 and sum(not q["answer"] for q in qs) == 4
     assert sum(q["lang"] == "zh" for q in qs) == 5
     assert qs == pipeline.load_questions(cfg)  # same seed, same questions
     assert len(pipeline.load_questions(cfg.model_copy(update={"questions": 0}))) == 128
+
+
+def test_full_settings_and_overrides(tmp_path):
+    quick = pipeline.settings()
+    full = pipeline.settings(full=True)
+    assert full.questions == 0
+    assert full.sft_steps > quick.sft_steps and full.dpo_steps > quick.dpo_steps
+    assert full.sft_eval_samples is None and full.dpo_eval_samples is None
+    yaml_file = tmp_path / "demo.yaml"
+    yaml_file.write_text("questions: 6\ncompare_base: false\n", encoding="utf-8")
+    cfg = pipeline.settings(True, yaml_file, ["unanswerable=2"])
+    assert (cfg.questions, cfg.compare_base, cfg.unanswerable, cfg.dpo_steps) == \
+        (6, False, 2, full.dpo_steps)
 
 
 def test_missing_file_fails_before_training(tmp_path):
@@ -122,7 +142,7 @@ def test_bad_data_fails_in_its_stage(tmp_path):
         pipeline.run_pipeline(pipeline.PipelineConfig(**{**TINY, "sft_train_file": str(bad)}),
                               tmp_path / "out")
     msg = str(e.value)
-    assert msg.startswith("stage 1 (sft) failed:") and "sft_bad.jsonl" in msg and "line 2" in msg
+    assert msg.startswith("stage 1 (sft) failed:") and "sft_bad.jsonl:2" in msg
     assert "\n" not in msg
     assert (tmp_path / "out" / "error.log").exists()
 

@@ -79,23 +79,16 @@ def lab_run_all(quick: bool = typer.Option(False, "--quick"),
         raise typer.Exit(1)
 
 
-@app.command("demo")
+@app.command("demo", context_settings={"allow_extra_args": True})
 def demo(out: Path = typer.Option(Path("runs/demo"), "--out"),
-         full: bool = typer.Option(False, "--full", help="full runs instead of quick mode")) -> None:
-    """The Lesson 1 path end to end on the bundled model: data -> LoRA SFT -> eval -> CPU deploy."""
-    import time
+         full: bool = typer.Option(False, "--full", help="full settings instead of the quick run"),
+         config: Optional[Path] = typer.Option(None, "--config", help="YAML PipelineConfig"),
+         overrides: Optional[List[str]] = OverridesArg) -> None:
+    """The course end to end on the bundled model: SFT -> DPO -> index -> serve -> answer
+    held-out questions through the OpenAI API -> results table (see llmtech.pipeline)."""
+    from . import pipeline
 
-    from . import labs, report
-
-    t0 = time.time()
-    results = labs.run_labs(labs.DEMO_LABS, not full, out)
-    typer.echo("\n== llmtech demo: results ==\n")
-    typer.echo(labs.markdown_table(results))
-    typer.echo(labs.markdown_table(labs.headline_rows(out, labs.DEMO_LABS)))
-    path = report.build_report(out)
-    typer.echo(f"total {time.time() - t0:.0f}s; report -> {path}")
-    if any(r["result"] != "ok" for r in results):
-        raise typer.Exit(1)
+    pipeline.main(out, full, config, overrides or [])
 
 
 @app.command("report")
