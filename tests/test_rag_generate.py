@@ -82,6 +82,16 @@ def test_copied_context_is_not_a_citation_and_attribution_is_separate():
     assert G.attribute_by_overlap("zzz", P) is None
 
 
+def test_copied_context_cut_by_the_token_limit_is_not_a_citation():
+    header = G.passage_header(P[0])
+    for cut in (2, len(header) // 2, len(header)):
+        a = G.finish_answer(G.Answer("q", f"保修 36 个月。[1] ({header[:cut]}", False, passages=P))
+        assert a.echoed and a.citations == [], cut
+    # a real citation followed by an unrelated parenthesis still counts
+    a = G.finish_answer(G.Answer("q", "保修 36 个月 [1] (电池除外", False, passages=P))
+    assert a.citations == [1] and not a.echoed
+
+
 def test_refusal_without_passages_or_below_min_score_skips_the_model():
     gen = ScriptedGenerator(["36 months [1]"], min_score=1.5)
     empty, low, ok = gen.answer_many(["Q1?", "Q2?", "How long?"],

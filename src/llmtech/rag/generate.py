@@ -159,7 +159,12 @@ def finish_answer(a: Answer, attribute: bool = False) -> Answer:
     a.refused = is_refusal(a.text)
     text = a.text
     for n, p in enumerate(a.passages, 1):  # "[n] (source)" copied from the context listing
-        text = re.sub(rf"\[{n}\]\s*\({re.escape(passage_header(p))}\)", " ", text)
+        header = passage_header(p)
+        text = re.sub(rf"\[{n}\]\s*\({re.escape(header)}\)", " ", text)
+        # the same copy cut off by the token limit: "... [4] (Invoices (f"
+        cut = re.search(rf"\[{n}\]\s*\(([^)]*)$", text)
+        if cut and (header + ")").startswith(cut.group(1)):
+            text = text[:cut.start()] + " "
     a.echoed = text != a.text
     numbers = cited_numbers(text)
     if a.reason == "closed_book":  # nothing to cite

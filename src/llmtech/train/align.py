@@ -128,9 +128,6 @@ def train_and_save(trainer, s: AlignSettings, title: str) -> dict:
                                f"the last good checkpoint in {out} is kept")
     if s.save_final:
         result["final_dir"] = str(save_final(trainer, out / "final"))
-    if s.merge:
-        result["merged_dir"] = str(merge_and_save(trainer.model, trainer.processing_class,
-                                                  out / "final-merged"))
     plot_loss(out / "trainer_log.jsonl", out / "loss.png", title=title)
     atomic_write_json(out / "result.json", result)
     return result
@@ -174,6 +171,11 @@ def run_stage(trainer, s: AlignSettings, title: str, evaluate) -> dict:
     if data["eval"]:
         result.update(flat(before, "_before"))
         result.update(flat(evaluate(model, tok, data["eval"]), ""))
+    # merge last: DPO/KTO measure against the reference = the same model with its adapter
+    # switched off, which no longer exists once the adapter is folded in
+    if s.merge:
+        result["merged_dir"] = str(merge_and_save(trainer.model, tok,
+                                                  Path(s.output_dir) / "final-merged"))
     atomic_write_json(Path(s.output_dir) / "result.json", result)
     result["trainer"] = trainer
     return result
