@@ -438,7 +438,7 @@ docker compose ps               # 先看哪个服务不是 (healthy)
 - [ ] 症状：`docker compose up` 报 `Bind for 0.0.0.0:80 failed: port is already allocated` 或
       `address already in use`，对应容器停在 `Created`。
 - [ ] 检查谁占了端口：`ss -ltnp | grep -E ':({ports})\\b'`（或 `sudo lsof -i :80`）。
-      本机已有 nginx（80）、MySQL（3306 以外也可能是 5455）、Redis（6379）、其它 MinIO（9000）时最常见。
+      本机已有 nginx/Apache（80）、Redis（6379）、PHP-FPM 或另一个 MinIO（9000）时最常见。
 - [ ] 修复：只改 `.env` 里的**主机端口**（`WEB_HTTP_PORT`、`SVR_HTTP_PORT`、`ES_PORT`、
       `MYSQL_PORT`、`MINIO_PORT`、`MINIO_CONSOLE_PORT`、`REDIS_PORT`），然后 `docker compose up -d`。
       容器之间用服务名和容器内端口通信（`es01:9200`、`mysql:3306`……），不受影响；只有从主机
