@@ -112,6 +112,18 @@ class Service:
             w.start()
         for doc in self.meta.documents_in(RUNNING):  # interrupted by a stop: parse again
             self._queue.put(doc["id"])
+        threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        """bm25s compiles its numba kernels at the first search of a process (about 5 s here):
+        do it now, in the background, rather than in the first user's request."""
+        from ..rag.bm25 import BM25Index
+
+        try:
+            BM25Index().build(["w1", "w2"], ["warm up the index", "预热 检索"]).search("warm", 1)
+            self.embedder.encode_queries(["warm up"])
+        except Exception:  # noqa: BLE001 - only an optimisation
+            log.warning("retrieval warm-up failed", exc_info=True)
 
     def close(self) -> None:
         for _ in self._workers:
@@ -278,32 +290,41 @@ class Service:
                  vector_weight: float = 0.3, threshold: float = 0.0,
                  doc_ids: list[str] | None = None) -> list[dict[str, Any]]:
         """RAGFlow-style scoring: similarity = w * cosine + (1 - w) * BM25 / max BM25, over the
-        candidates of both retrievers in each dataset; hits below ``threshold`` are dropped."""
-        out: list[dict[str, Any]] = []
+        candidates of both retrievers in each dataset; hits below ``threshold`` are dropped.
+        Scores are fused on chunk ids; the chunks' text is read only for the ``k`` kept."""
+        scored: list[dict[str, Any]] = []
         depth = max(k, 20) if not doc_ids else max(4 * k, 100)
         for ds_id in ds_ids:
             kb, lock = self.kb(ds_id)
             with lock.read():
                 if not kb.db.execute("SELECT 1 FROM chunks LIMIT 1").fetchone():
                     continue
-                dense = kb.search(question, depth, mode="dense")
-                bm25 = kb.search(question, depth, mode="bm25")
-            top = max((p.score for p in bm25), default=0.0) or 1.0
-            vec = {p.id: p for p in dense}
-            term = {p.id: p for p in bm25}
+                vec = {h.id: h.score for h in kb.retriever("dense").search_many([question], depth)[0]}
+                term = {h.id: h.score for h in kb.retriever("bm25").search_many([question], depth)[0]}
+            top = max(term.values(), default=0.0) or 1.0
             for cid in set(vec) | set(term):
-                p = vec.get(cid) or term[cid]
-                if doc_ids and p.doc_id not in doc_ids:
+                if doc_ids and cid.rsplit("#", 1)[0] not in doc_ids:  # ids are "<doc>#<n>:<hash>"
                     continue
-                v = max(0.0, vec[cid].score) if cid in vec else 0.0
-                t = term[cid].score / top if cid in term else 0.0
+                v = max(0.0, vec.get(cid, 0.0))
+                t = term.get(cid, 0.0) / top
                 sim = vector_weight * v + (1 - vector_weight) * t
-                if sim < threshold:
-                    continue
-                out.append({"passage": p, "dataset_id": ds_id, "similarity": sim,
-                            "vector_similarity": v, "term_similarity": t})
-        out.sort(key=lambda h: -h["similarity"])
-        return out[:k]
+                if sim >= threshold:
+                    scored.append({"id": cid, "dataset_id": ds_id, "similarity": sim,
+                                   "vector_similarity": v, "term_similarity": t})
+        scored.sort(key=lambda h: (-h["similarity"], h["id"]))
+        out = []
+        for ds_id in dict.fromkeys(h["dataset_id"] for h in scored[:k]):
+            kb, lock = self.kb(ds_id)
+            mine = [h for h in scored[:k] if h["dataset_id"] == ds_id]
+            with lock.read():
+                rows = {r[0]: r for r in kb.chunk_rows([h["id"] for h in mine])}
+            for h in mine:
+                if h["id"] in rows:  # gone if a writer removed it in between
+                    r = rows[h["id"]]
+                    h["passage"] = Passage(r[0], r[1], r[2], h["similarity"], "", r[3], r[4])
+                    out.append(h)
+        out.sort(key=lambda h: (-h["similarity"], h["id"]))
+        return out
 
     def passages_for(self, question: str, ds_ids: list[str] | None, k: int) -> list[Passage]:
         """The assistant's context: the shared knowledge base (``ds_ids=None``), or the named
