@@ -6,7 +6,8 @@ lab, the load benchmark and the tests, which all talk to a real server over HTTP
 
 The child is ``python -m llmtech.cli serve run`` with the given ``key=value`` overrides on a
 free port; ``start`` waits until ``/health`` answers (or the child dies, whose log is then in
-the error). ``kill()`` ends it abruptly (SIGKILL), as a crash would.
+the error). ``kill()`` ends it abruptly (SIGKILL), as a crash would. The child's output goes to
+``log_file``, or to a temporary file that leaving the ``with`` block deletes.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, overrides: list[str] | None = None, config: str | Path | None = None,
-                 port: int | None = None, timeout_s: float = 180, env: dict | None = None):
+                 port: int | None = None, timeout_s: float = 180, env: dict | None = None,
+                 log_file: str | Path | None = None):
         self.port = port or free_port()
         self.overrides = [*(overrides or []), f"port={self.port}", "host=127.0.0.1"]
         self.config, self.timeout_s = config, timeout_s
@@ -39,7 +41,9 @@ class Server:
                     **(env or {})}
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
-        self.log = Path(tempfile.mkstemp(prefix="llmtech-serve-", suffix=".log")[1])
+        self._temp_log = log_file is None
+        self.log = Path(log_file) if log_file else \
+            Path(tempfile.mkstemp(prefix="llmtech-serve-", suffix=".log")[1])
 
     def start(self) -> "Server":
         import requests
@@ -61,9 +65,9 @@ class Server:
             except requests.RequestException:
                 pass
             time.sleep(0.3)
+        text = self.log_text()[-3000:]
         self.stop()
-        raise LlmtechError(f"the server did not answer within {self.timeout_s:.0f} s:\n"
-                           + self.log_text()[-3000:])
+        raise LlmtechError(f"the server did not answer within {self.timeout_s:.0f} s:\n" + text)
 
     def log_text(self) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace")
@@ -90,3 +94,5 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+        if self._temp_log:
+            self.log.unlink(missing_ok=True)
