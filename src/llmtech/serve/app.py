@@ -404,6 +404,18 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
     def page_of(items: list, page: int, page_size: int) -> list:
         return items[(page - 1) * page_size: page * page_size]
 
+    def pick(items: list[dict], id: str | None, name: str | None,
+             what: str | None = None) -> list[dict]:
+        """The list filters RAGFlow's list endpoints share; an ``id`` that matches nothing is
+        a 404 when ``what`` names the kind of thing (as RAGFlow does for datasets and chats)."""
+        if id:
+            items = [x for x in items if x["id"] == id]
+            if not items and what:
+                raise ApiError(404, f"{what} {id} not found")
+        if name:
+            items = [x for x in items if x["name"] == name]
+        return items
+
     @app.post("/api/v1/datasets")
     def create_dataset(body: DatasetBody, who: str = Depends(tenant)):
         if svc.meta.dataset_by_name(who, body.name):
@@ -419,13 +431,7 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
     @app.get("/api/v1/datasets")
     def list_datasets(who: str = Depends(tenant), page: int = 1, page_size: int = 30,
                       desc: bool = True, id: str | None = None, name: str | None = None):
-        items = svc.meta.datasets(who, desc)
-        if id:
-            items = [d for d in items if d["id"] == id]
-            if not items:
-                raise ApiError(404, f"dataset {id} not found")
-        if name:
-            items = [d for d in items if d["name"] == name]
+        items = pick(svc.meta.datasets(who, desc), id, name, "dataset")
         return ok([dataset_json(d) for d in page_of(items, page, page_size)])
 
     @app.put("/api/v1/datasets/{ds_id}")
@@ -493,11 +499,7 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
                        page_size: int = 30, desc: bool = True, id: str | None = None,
                        name: str | None = None, keywords: str | None = None):
         get_dataset(who, ds_id)
-        items = svc.meta.documents(who, ds_id, desc)
-        if id:
-            items = [d for d in items if d["id"] == id]
-        if name:
-            items = [d for d in items if d["name"] == name]
+        items = pick(svc.meta.documents(who, ds_id, desc), id, name)
         if keywords:
             items = [d for d in items if keywords.lower() in d["name"].lower()]
         return ok({"docs": [document_json(d) for d in page_of(items, page, page_size)],
@@ -665,13 +667,7 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
     @app.get("/api/v1/chats")
     def list_chats(who: str = Depends(tenant), page: int = 1, page_size: int = 30,
                    desc: bool = True, id: str | None = None, name: str | None = None):
-        items = svc.meta.chats(who, desc)
-        if id:
-            items = [c for c in items if c["id"] == id]
-            if not items:
-                raise ApiError(404, f"chat assistant {id} not found")
-        if name:
-            items = [c for c in items if c["name"] == name]
+        items = pick(svc.meta.chats(who, desc), id, name, "chat assistant")
         return ok([chat_json(c) for c in page_of(items, page, page_size)])
 
     @app.put("/api/v1/chats/{chat_id}")
@@ -725,11 +721,7 @@ def create_app(config: ServeConfig, service: Service | None = None) -> FastAPI:
                       page_size: int = 30, desc: bool = True, id: str | None = None,
                       name: str | None = None):
         get_chat(who, chat_id)
-        items = svc.meta.sessions(who, chat_id, desc)
-        if id:
-            items = [s for s in items if s["id"] == id]
-        if name:
-            items = [s for s in items if s["name"] == name]
+        items = pick(svc.meta.sessions(who, chat_id, desc), id, name)
         return ok([session_json(s) for s in page_of(items, page, page_size)])
 
     @app.put("/api/v1/chats/{chat_id}/sessions/{sid}")
