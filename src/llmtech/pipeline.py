@@ -151,9 +151,21 @@ def check_inputs(cfg: PipelineConfig) -> list[dict]:
 
 # --------------------------------------------------------------------------- 1-2 training
 
+def merge_and_release(res: dict, folder: Path) -> Path:
+    """Fold the trained adapter into a plain model folder, then free the trainer's memory
+    before the next stage loads its own model."""
+    from .train.lora import merge_and_save
+
+    trainer = res.pop("trainer")
+    merged = merge_and_save(trainer.model, trainer.processing_class, folder)
+    del trainer
+    gc.collect()
+    return merged
+
+
 def stage_sft(cfg: PipelineConfig, out: Path) -> tuple[Path, dict]:
     """LoRA SFT; returns the merged model folder and the stage's metrics."""
-    from .train.lora import LoraSettings, merge_and_save
+    from .train.lora import LoraSettings
     from .train.sft import SFTSettings, run_sft
 
     s = SFTSettings(model=cfg.model, train_file=cfg.sft_train_file, eval_file=cfg.sft_test_file,
@@ -162,10 +174,7 @@ def stage_sft(cfg: PipelineConfig, out: Path) -> tuple[Path, dict]:
                     warmup=0.1, max_length=cfg.max_length, logging_steps=4, save_steps=10**9,
                     seed=cfg.seed, lora=LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha))
     res = run_sft(s)  # eval_loss = 留出集上只算回答部分的交叉熵
-    trainer = res.pop("trainer")
-    merged = merge_and_save(trainer.model, trainer.processing_class, out / "sft" / "merged")
-    del trainer
-    gc.collect()
+    merged = merge_and_release(res, out / "sft" / "merged")
     return merged, {"sft_steps": res["global_step"], "sft_train_loss": res["train_loss"],
                     "sft_eval_loss_before": res["eval_loss_before"],
                     "sft_eval_loss_after": res["eval_loss_after"],
@@ -177,7 +186,7 @@ def stage_sft(cfg: PipelineConfig, out: Path) -> tuple[Path, dict]:
 def stage_dpo(cfg: PipelineConfig, sft_dir: Path, out: Path) -> tuple[Path, dict]:
     """DPO from the SFT model; returns the merged final model folder and the metrics."""
     from .train.dpo import DPOSettings, run_dpo
-    from .train.lora import LoraSettings, merge_and_save
+    from .train.lora import LoraSettings
 
     s = DPOSettings(model=str(sft_dir), train_file=cfg.pref_train_file,
                     eval_file=cfg.pref_test_file, max_eval_samples=cfg.dpo_eval_samples,
@@ -188,10 +197,7 @@ def stage_dpo(cfg: PipelineConfig, sft_dir: Path, out: Path) -> tuple[Path, dict
     res = run_dpo(s)
     # 先评估、后合并：参考模型 = 关掉适配器的同一个模型，合并之后就没有适配器可关了。
     # 所以不用 DPOSettings.merge（它在合并之后才做“训练后”评估），run_dpo 评估完再自己合并。
-    trainer = res.pop("trainer")
-    final = merge_and_save(trainer.model, trainer.processing_class, out / "dpo" / "merged")
-    del trainer
-    gc.collect()
+    final = merge_and_release(res, out / "dpo" / "merged")
     # 偏好准确率：模型自己给 chosen 的每 token 平均对数似然是否高于 rejected（L4.04 同一口径）
     return final, {"dpo_steps": res["global_step"], "dpo_train_loss": res["train_loss"],
                    "dpo_eval_pairs": res["eval_pairs"],

@@ -2,9 +2,9 @@
 
 ``LocalChat`` runs a transformers model here and streams its tokens (TextIteratorStreamer);
 ``RemoteChat`` sends the same messages to ``{base_url}/chat/completions`` of vLLM, TGI, a
-llama.cpp server or another llmtech, with the official ``openai`` client. ``LocalEmbedder`` /
-``RemoteEmbedder`` do the same for vectors and have the ``Embedder`` interface that
-``KnowledgeBase`` uses, so the indexes can be built by a remote embedding server too.
+llama.cpp server or another llmtech, with the official ``openai`` client. For vectors, the rag
+``Embedder`` (local) and ``RemoteEmbedder`` share the interface that ``KnowledgeBase`` uses,
+so the indexes can be built by a remote embedding server too.
 
 ``Gate`` is admission control: at most N generations run, at most M wait; request M+1 gets an
 immediate 429 and a request that waited too long gets 503 - the server never piles up work.
@@ -198,15 +198,6 @@ class RemoteChat:
             raise BackendError(f"remote model at {self.client.base_url} failed: {e}") from None
 
 
-class LocalEmbedder:
-    """The rag ``Embedder`` without its on-disk cache (requests come from many threads)."""
-
-    def __new__(cls, model_id: str):
-        from ..rag.embed import Embedder
-
-        return Embedder(model_id, cache=None)
-
-
 class RemoteEmbedder:
     """``Embedder``'s interface over an OpenAI-compatible ``/embeddings`` endpoint."""
 
@@ -257,7 +248,13 @@ def make_chat(backend: Backend):
 
 
 def make_embedder(backend: Backend):
-    inner = LocalEmbedder(backend.model) if backend.kind == "local" else RemoteEmbedder(backend)
+    if backend.kind == "local":
+        from ..rag.embed import Embedder
+
+        # no on-disk cache: SQLite connections do not cross the request threads
+        inner = Embedder(backend.model, cache=None)
+    else:
+        inner = RemoteEmbedder(backend)
     return BatchingEmbedder(inner)
 
 

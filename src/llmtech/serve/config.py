@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from ..config import StrictModel
 from ..models import DEFAULT_EMBEDDER, DEFAULT_LM
 from ..rag.kb import KBConfig
@@ -33,7 +35,7 @@ class Limits(StrictModel):
 
 class ServeConfig(StrictModel):
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=1, le=65535)
     data_dir: str = "runs/serve"            # SQLite metadata, uploaded files, indexes
     # API keys: key -> tenant. Each tenant sees only its own datasets, chats and sessions.
     # More keys: `llmtech serve add-key --tenant NAME` (stored hashed in the metadata database).
