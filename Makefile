@@ -47,7 +47,7 @@ bench: $(STAMP)
 
 # 可选：编译 llama-cpp-python（约 15 分钟），L1.06 才会给出 GGUF 一行
 gguf: $(STAMP)
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q ".[gguf]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q -e ".[gguf]"
 
 clean:
 	rm -rf runs .pytest_cache
