@@ -63,6 +63,44 @@ def bnb_config(bits: int = 4, quant_type: str | None = None, double_quant: bool 
                               bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
 
 
+class _Once(logging.Filter):
+    """Let each distinct message through once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+_ONCE = _Once()
+
+
+def quiet_bnb_logs() -> None:
+    """bitsandbytes' LLM.int8() warns 'inputs will be cast ... to float16' on every matmul (thousands
+    of lines per generation): once is enough."""
+    lg = logging.getLogger("bitsandbytes.autograd._functions")
+    if _ONCE not in lg.filters:
+        lg.addFilter(_ONCE)
+
+
+@torch.no_grad()
+def own_float_weights(model) -> None:
+    """Copy the plain float tensors a bitsandbytes model still maps from its safetensors file.
+
+    8-bit loading keeps e.g. the fp32 embedding as a view of the file, which keeps all the file's
+    pages mapped and counted in RSS (~0.5 GB for the bundled model); the quantised parameters are
+    already the process's own and are left alone."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_floating_point():
+            t.data = t.data.clone()
+
+
 def _model_folder(model_id: str, seed: int) -> Path:
     """A folder with config.json + weights for ``model_id`` (tiny-llama is saved once)."""
     spec = models.REGISTRY.get(model_id)
@@ -109,6 +147,9 @@ def load_quantized(model_id: str = models.DEFAULT_LM, bits: int = 4, quant_type:
     except (ImportError, RuntimeError, ValueError) as e:
         raise QuantizationUnsupported(
             f"{BACKEND} could not load '{model_id}' in {bits} bits on {device}: {e}") from None
+    quiet_bnb_logs()
+    if device == "cpu":
+        own_float_weights(model)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
