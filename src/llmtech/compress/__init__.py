@@ -1,6 +1,8 @@
-"""Model compression for deployment: lower precision and quantisation (pruning and distillation
-join later lessons). Each function takes a loaded Hugging Face model and returns a smaller or
-faster one; ``quantize.build_variant`` builds the named CPU deployment variants side by side."""
+"""Model compression: lower precision and quantisation (``quantize``; bitsandbytes 4/8-bit loading
+in ``bnb``; NF4 from its definition in ``nf4``), pruning (``prune``), knowledge distillation
+(``distill``), and measuring variants side by side (``compare``). Each function takes a loaded
+Hugging Face model and returns a smaller or faster one; ``quantize.build_variant`` builds the
+named CPU deployment variants."""
 
 from .quantize import (  # noqa: F401
     INT8_SKIP,
