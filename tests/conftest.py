@@ -46,3 +46,13 @@ def shared_or_skip(name: str) -> Path:
     if not p.exists():
         pytest.skip(f"public dataset ../shared/data/{name} is not present on this machine")
     return p
+
+
+def load_lab_module(path, name: str):
+    """Import a lab script as a module (its ``Config`` and ``main``) without running it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

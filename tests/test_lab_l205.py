@@ -1,13 +1,12 @@
 """L2.05 quantised deployment: DeployConfig, capabilities, build_engine + measure, the lab."""
 
 import dataclasses
-import importlib.util
 import json
 
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, load_lab_module, run_script
 from llmtech.config import load_config
 from llmtech.dist import inference as inf
 from llmtech.errors import ConfigError, LlmtechError
@@ -18,10 +17,7 @@ cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks this CPU
 
 
 def lab_module():
-    spec = importlib.util.spec_from_file_location("l205_lab", LAB)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_lab_module(LAB, "l205_lab")
 
 
 # --------------------------------------------------------------------------- config

@@ -1,7 +1,6 @@
 """L2.06 method selection: memory estimate (hand-checked arithmetic, autograd's saved bytes),
 recommend(), the measurement entry point and the lab."""
 
-import importlib.util
 import json
 import math
 import os
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, load_lab_module
 from llmtech import models
 from llmtech.dist import memory as M
 from llmtech.errors import LlmtechError
@@ -28,10 +27,7 @@ ENV = {**os.environ, "PYTHONPATH": str(Path(M.__file__).resolve().parents[2])}
 
 
 def lab_module():
-    spec = importlib.util.spec_from_file_location("l206_lab", LAB)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_lab_module(LAB, "l206_lab")
 
 
 # --------------------------------------------------------------------------- shapes and bytes

@@ -27,6 +27,20 @@ def encode_chat_example(tokenizer, messages: list[dict], max_length: int = 512) 
 
 
 @torch.no_grad()
+def pad_examples(chunk: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad ``encode_chat_example`` outputs into ``(input_ids, attention_mask, target_mask)``."""
+    L = max(len(e["input_ids"]) for e in chunk)
+    ids = torch.full((len(chunk), L), pad_id, dtype=torch.long)
+    att = torch.zeros((len(chunk), L), dtype=torch.long)
+    tgt = torch.zeros((len(chunk), L), dtype=torch.bool)
+    for j, e in enumerate(chunk):
+        n = len(e["input_ids"])
+        ids[j, :n] = torch.tensor(e["input_ids"])
+        att[j, :n] = 1
+        tgt[j, :n] = torch.tensor(e["target_mask"], dtype=torch.bool)
+    return ids, att, tgt
+
+
 def sequence_logprobs(model, tokenizer, examples: list[dict], batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example: the sum of log p(token) over its target tokens, and how many there are.
 
@@ -37,16 +51,7 @@ def sequence_logprobs(model, tokenizer, examples: list[dict], batch_size: int = 
     sums, counts = [], []
     pad = tokenizer.pad_token_id
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        L = max(len(e["input_ids"]) for e in chunk)
-        ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-        att = torch.zeros((len(chunk), L), dtype=torch.long)
-        tgt = torch.zeros((len(chunk), L), dtype=torch.bool)
-        for j, e in enumerate(chunk):
-            n = len(e["input_ids"])
-            ids[j, :n] = torch.tensor(e["input_ids"])
-            att[j, :n] = 1
-            tgt[j, :n] = torch.tensor(e["target_mask"], dtype=torch.bool)
+        ids, att, tgt = pad_examples(examples[i:i + batch_size], pad)
         dev = model.device
         logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits.float().cpu()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)

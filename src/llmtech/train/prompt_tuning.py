@@ -295,7 +295,7 @@ def evaluate_labels(model, tokenizer, records: list[dict], labels: list[str],
     positions are dropped).
     """
     from ..data import to_messages
-    from ..evals.lm import encode_chat_example
+    from ..evals.lm import encode_chat_example, pad_examples
 
     if not records:
         raise LlmtechError("evaluate_labels: no records")
@@ -316,15 +316,7 @@ def evaluate_labels(model, tokenizer, records: list[dict], labels: list[str],
     dev = next(model.parameters()).device
     for i in range(0, len(ex), batch_size):
         chunk = ex[i:i + batch_size]
-        L = max(len(e["input_ids"]) for e in chunk)
-        ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-        att = torch.zeros((len(chunk), L), dtype=torch.long)
-        tgt = torch.zeros((len(chunk), L), dtype=torch.bool)
-        for j, e in enumerate(chunk):
-            n = len(e["input_ids"])
-            ids[j, :n] = torch.tensor(e["input_ids"])
-            att[j, :n] = 1
-            tgt[j, :n] = torch.tensor(e["target_mask"], dtype=torch.bool)
+        ids, att, tgt = pad_examples(chunk, pad)
         logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits[:, offset:]
         logp = torch.log_softmax(logits.float().cpu()[:, :-1], dim=-1)
         tok_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
