@@ -106,3 +106,15 @@ def test_bundled_model_generates_sensibly(smol):
     model, tok = smol
     out = generate(model, tok, [models.chat_messages("What is the capital of France?")], max_new_tokens=12)
     assert "Paris" in out[0]
+
+
+def test_sequence_scoring_builds_no_autograd_graph(tiny):
+    # scoring a whole eval set with gradients on keeps every batch's graph alive (an OOM in the
+    # demo's DPO eval once); it must run under no_grad
+    from llmtech.evals import lm
+
+    model, tok = tiny
+    ex = [lm.encode_chat_example(tok, [{"role": "user", "content": "hi"},
+                                       {"role": "assistant", "content": "hello there"}])]
+    sums, counts = lm.sequence_logprobs(model, tok, ex, 1)
+    assert not sums.requires_grad and int(counts[0]) > 0

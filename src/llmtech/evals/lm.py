@@ -26,7 +26,6 @@ def encode_chat_example(tokenizer, messages: list[dict], max_length: int = 512) 
     return {"input_ids": full_ids[:max_length], "target_mask": mask[:max_length]}
 
 
-@torch.no_grad()
 def pad_examples(chunk: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad ``encode_chat_example`` outputs into ``(input_ids, attention_mask, target_mask)``."""
     L = max(len(e["input_ids"]) for e in chunk)
@@ -41,6 +40,7 @@ def pad_examples(chunk: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, att, tgt
 
 
+@torch.no_grad()
 def sequence_logprobs(model, tokenizer, examples: list[dict], batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example: the sum of log p(token) over its target tokens, and how many there are.
 
