@@ -224,3 +224,13 @@ def test_estimate_within_25pct_of_measured_on_the_bundled_model():
     e = M.estimate("smollm2-135m", "ptuning", **M.measured_setup("ptuning", d["device"]), **kw)
     assert e.total / M.MB / d["measured_mb"] == pytest.approx(1.0, abs=0.25)
     assert d["peak_at"] == "step 2 backward" and e.peak_phase == "backward"
+
+
+def test_measurement_data_errors_name_the_file_and_line(tmp_path):
+    from llmtech.errors import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "hi", "output": "yo"}\n[1, 2]\n', encoding="utf-8")
+    tok = models.load_tokenizer("tiny-llama")
+    with pytest.raises(DataError, match=r"bad.jsonl:2"):
+        M._token_batch(tok, 2, 8, str(bad), 0)

@@ -704,23 +704,15 @@ def _token_batch(tokenizer, batch: int, seq_len: int, data: str | None, seed: in
     if data is None:
         g = torch.Generator().manual_seed(seed)
         return torch.randint(0, len(tokenizer), (batch, seq_len), generator=g)
-    path = Path(data)
-    if not path.exists():
-        raise EstimateError(f"{path}: training data file not found")
+    from ..data import read_records
+
     ids: list[int] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EstimateError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            text = "\n".join(str(row.get(k, "")) for k in ("instruction", "input", "output")
-                             if row.get(k))
-            ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    for _, row in read_records(data):  # JSON/JSONL/CSV/Parquet; errors name the file and line
+        text = "\n".join(str(row.get(k, "")) for k in ("instruction", "input", "output")
+                         if row.get(k))
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if not ids:
-        raise EstimateError(f"{path}: no instruction/input/output text to train on")
+        raise EstimateError(f"{data}: no instruction/input/output text to train on")
     while len(ids) < n:
         ids = ids + ids
     return torch.tensor(ids[:n]).view(batch, seq_len)
