@@ -7,7 +7,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "runs" / "bench"
-BENCHES = ["sft_vs_plain_loop", "packing_vs_padding", "bf16_vs_fp32", "inference_ladder",
+BENCHES = ["sft_vs_plain_loop", "packing_vs_padding", "bf16_vs_fp32", "qlora_vs_lora", "inference_ladder",
            "rag_beir", "bm25_speed", "embed_throughput", "hybrid_latency", "serve_load"]
 
 

@@ -74,15 +74,19 @@ def load_adapters(model, adapters: dict[str, str | Path], trainable: bool = Fals
     """Load saved LoRA adapters into one model, each under its own name.
 
     ``model`` is a plain model (wrapped here; the first adapter becomes the active one) or a
-    PeftModel (the adapters are added; the active adapter does not change). Returns the PeftModel.
+    PeftModel (the adapters are added; the active adapter does not change). An adapter saved from
+    a different base (missing layers, other shapes) is a ``ConfigError``. Returns the PeftModel.
     """
     from peft import PeftModel
 
     if not adapters:
         raise ConfigError("load_adapters: no adapters given")
+    from .peft_methods import check_adapter_base
+
     for name, path in adapters.items():
         if not (Path(path) / "adapter_config.json").is_file():
             raise DataError(f"{path}: not a saved adapter (no adapter_config.json) for '{name}'")
+        check_adapter_base(model, path)  # layer names and shapes must match this base
     items = list(adapters.items())
     if not isinstance(model, PeftModel):
         name, path = items.pop(0)

@@ -50,6 +50,9 @@ class SFTSettings(StrictModel):
     lr_scheduler: str = "cosine"
     warmup: float = 0.0  # < 1: fraction of the total steps; >= 1: number of steps
     weight_decay: float = 0.0
+    # transformers' optimizer name (adamw_torch, adamw_bnb_8bit, paged_adamw_32bit ...); None =
+    # the Trainer's default
+    optim: str | None = None
     max_grad_norm: float = 1.0
     batch_size: int = 4
     grad_accum: int = 1
@@ -173,6 +176,7 @@ def build_trainer(s: SFTSettings, model=None, tokenizer=None, callbacks=()):
         lr_scheduler_type=s.lr_scheduler,
         warmup_steps=s.warmup,
         weight_decay=s.weight_decay,
+        **({"optim": s.optim} if s.optim else {}),
         max_grad_norm=s.max_grad_norm,
         per_device_train_batch_size=s.batch_size,
         per_device_eval_batch_size=s.batch_size,
