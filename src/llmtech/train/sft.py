@@ -118,10 +118,32 @@ def save_final(trainer, path: str | Path) -> Path:
     replaces ``path`` only when complete."""
     from ..io import staged_dir
 
+    if trainer.args.world_size > 1:
+        # several processes: every rank takes part in saving (under ZeRO-3 the weights are
+        # gathered from all of them) and the Trainer lets only the main process write
+        trainer.save_model(str(path))
+        if trainer.is_world_process_zero():
+            trainer.processing_class.save_pretrained(str(path))
+        return Path(path)
     with staged_dir(path) as tmp:
         trainer.save_model(str(tmp))
         trainer.processing_class.save_pretrained(str(tmp))
     return Path(path)
+
+
+def peak_rss_per_rank() -> list[float]:
+    """This process's peak RSS in MB (the kernel's high-water mark), one entry per rank when
+    running under torch.distributed (gathered from every process), else one entry."""
+    import resource
+
+    import torch.distributed as dist
+
+    mine = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+    if dist.is_available() and dist.is_initialized():
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        return everyone
+    return [mine]
 
 
 def last_checkpoint(output_dir: str | Path) -> Path | None:
@@ -256,8 +278,11 @@ def run_sft(s: SFTSettings, model=None, tokenizer=None, callbacks=()) -> dict:
         raise TrainingDiverged(f"training ended with a non-finite loss ({result['train_loss']})")
     if s.save_final:
         result["final_dir"] = str(save_final(trainer, out / "final"))
-    plot_loss(out / "trainer_log.jsonl", out / "loss.png", title=f"SFT {s.model}")
-    atomic_write_json(out / "result.json", result)
+    result["world_size"] = trainer.args.world_size
+    result["peak_rss_mb_per_rank"] = peak_rss_per_rank()
+    if trainer.is_world_process_zero():  # one writer when several processes train together
+        plot_loss(out / "trainer_log.jsonl", out / "loss.png", title=f"SFT {s.model}")
+        atomic_write_json(out / "result.json", result)
     plain_forward(trainer.model)  # callers measure the trained model in float32
     result["trainer"] = trainer
     return result
