@@ -30,6 +30,9 @@ app.add_typer(rag_app, name="rag")
 serve_app = typer.Typer(no_args_is_help=True,
                         help="The knowledge-base service: OpenAI/RAGFlow APIs and a web page.")
 app.add_typer(serve_app, name="serve")
+eval_app = typer.Typer(no_args_is_help=True,
+                       help="Evaluate a model: multiple choice (CMMLU layout), perplexity.")
+app.add_typer(eval_app, name="eval")
 
 OverridesArg = typer.Argument(None, help="key=value overrides")
 
@@ -327,6 +330,37 @@ def rag_eval(beir: Path = typer.Option(..., "--beir", help="BEIR folder: corpus.
         data.qrels = {q: data.qrels[q] for q in keep}
     result = evaluate_beir(data, retriever=retriever, embedder=embedder, rerank=rerank,
                            rerank_depth=rerank_depth, cache=not no_cache, passages=passages)
+    typer.echo(json.dumps(result, ensure_ascii=False, indent=2))
+
+
+# --------------------------------------------------------------------------- eval
+
+@eval_app.command("mcq")
+def eval_mcq(data: Path = typer.Option(..., "--data", help="CMMLU-layout folder (DIR/test/*.csv, DIR/dev/*.csv) or a folder of CSVs"),
+             subjects: Optional[str] = typer.Option(None, "--subjects", help="comma-separated subjects (default: all)"),
+             shots: int = typer.Option(0, "--shots", help="few-shot examples from dev/ (0 or 5)"),
+             limit: Optional[int] = typer.Option(None, "--limit", help="first N questions per subject"),
+             mode: str = typer.Option("letter", "--mode", help="letter | cloze"),
+             model: Optional[str] = typer.Option(None, "--model", help="model id (default smollm2-135m)")) -> None:
+    """Multiple-choice accuracy by log-likelihood; prints JSON (accuracy, n, by_subject, skipped)."""
+    from .evals.mcq import run_mcq
+
+    subs = [s.strip() for s in subjects.split(",") if s.strip()] if subjects else None
+    result = run_mcq(data, model=model, subjects=subs, shots=shots, limit=limit, mode=mode)
+    typer.echo(json.dumps(result, ensure_ascii=False, indent=2))
+
+
+@eval_app.command("ppl")
+def eval_ppl(data: Path = typer.Option(..., "--data", help=".txt file, or JSONL/JSON/CSV with a text field"),
+             model: Optional[str] = typer.Option(None, "--model", help="model id (default smollm2-135m)"),
+             window: int = typer.Option(256, "--window", help="tokens per window"),
+             stride: Optional[int] = typer.Option(None, "--stride", help="window step (default: = window)"),
+             field: str = typer.Option("text", "--field", help="text field of JSONL/JSON/CSV records"),
+             max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="read at most N tokens")) -> None:
+    """Perplexity of a text file (sliding window with stride); prints JSON (ppl, tokens)."""
+    from .evals.lm import perplexity_file
+
+    result = perplexity_file(data, model, window, stride, field, max_tokens)
     typer.echo(json.dumps(result, ensure_ascii=False, indent=2))
 
 

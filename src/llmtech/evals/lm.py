@@ -102,14 +102,69 @@ def token_windows(tokenizer, texts: Iterable[str], window: int = 256,
 
 
 def perplexity(model, tokenizer, texts: Iterable[str], window: int = 256,
-               max_tokens: int | None = None, batch_size: int = 8) -> float:
-    """Perplexity ``exp(mean next-token NLL)`` over fixed token windows of ``texts``."""
-    windows = token_windows(tokenizer, texts, window, max_tokens)
-    if not windows:
+               max_tokens: int | None = None, batch_size: int = 8,
+               stride: int | None = None) -> float:
+    """Perplexity ``exp(mean next-token NLL)`` over token windows of ``texts``.
+
+    ``stride=None`` (or ``stride == window``): fixed, non-overlapping windows. A smaller
+    ``stride`` slides the window (see ``sliding_windows``), so every scored token has at least
+    ``window - stride`` tokens of context.
+    """
+    return perplexity_stats(model, tokenizer, texts, window, stride, max_tokens, batch_size)["ppl"]
+
+
+def sliding_windows(tokenizer, texts: Iterable[str], window: int = 256, stride: int | None = None,
+                    max_tokens: int | None = None) -> list[dict]:
+    """Examples (``input_ids`` + ``target_mask``) for strided perplexity, text by text.
+
+    Windows start every ``stride`` tokens and hold up to ``window`` tokens; each window scores
+    only the tokens no earlier window has scored, so every token after a text's first is scored
+    exactly once, with the longest context the window allows. ``stride == window`` gives the
+    same windows (and the same scored tokens) as ``token_windows``. ``max_tokens`` caps the
+    number of tokens read, as in ``token_windows``.
+    """
+    stride = window if stride is None else stride
+    if window < 2 or not 1 <= stride <= window:
+        raise ValueError(f"need window >= 2 and 1 <= stride <= window (got window={window}, stride={stride})")
+    out: list[dict] = []
+    budget = max_tokens if max_tokens is not None else math.inf
+    for t in texts:
+        if budget < 2:
+            break
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+        ids = ids[: int(min(len(ids), budget))]
+        if len(ids) < 2:
+            continue
+        budget -= len(ids)
+        scored_to = 1  # token 0 of a text has no context: never scored
+        for begin in range(0, len(ids), stride):
+            end = min(begin + window, len(ids))
+            first = max(scored_to, begin + 1)  # a window's first token has no context inside it
+            if end > first:
+                mask = [0] * (first - begin) + [1] * (end - first)
+                out.append({"input_ids": ids[begin:end], "target_mask": mask})
+                scored_to = end
+            if end == len(ids):
+                break
+    return out
+
+
+def perplexity_stats(model, tokenizer, texts: Iterable[str], window: int = 256,
+                     stride: int | None = None, max_tokens: int | None = None,
+                     batch_size: int = 8) -> dict:
+    """``{"ppl", "nll_per_token", "tokens" (scored), "windows", "window", "stride"}`` of ``texts``."""
+    stride = window if stride is None else stride
+    if stride == window:  # the fixed windows every other lab scores (``token_windows``)
+        ex = [{"input_ids": w, "target_mask": [1] * len(w)}
+              for w in token_windows(tokenizer, texts, window, max_tokens)]
+    else:
+        ex = sliding_windows(tokenizer, texts, window, stride, max_tokens)
+    if not ex:
         raise ValueError("perplexity needs at least one text with 2 or more tokens")
-    ex = [{"input_ids": w, "target_mask": [1] * len(w)} for w in windows]
     total, count = masked_nll(model, tokenizer, ex, batch_size)
-    return math.exp(total / max(count, 1))
+    nll = total / max(count, 1)
+    return {"ppl": math.exp(nll), "nll_per_token": nll, "tokens": count, "windows": len(ex),
+            "window": window, "stride": stride}
 
 
 @torch.no_grad()
@@ -153,3 +208,49 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     if len(a) != len(b):
         raise ValueError(f"different numbers of tensors: {len(a)} vs {len(b)}")
     return max((float((x - y).abs().max()) for x, y in zip(a, b)), default=0.0)
+
+
+def read_texts(path, field: str = "text") -> list[str]:
+    """Texts to score: a ``.txt``/``.md`` file is one text; ``.jsonl``/``.json``/``.csv``/
+    ``.parquet`` give one text per record, from ``field`` (errors name the file and line)."""
+    from pathlib import Path
+
+    from ..data import read_records
+    from ..errors import DataError
+    from ..io import read_text
+
+    p = Path(path)
+    if p.suffix.lower() in (".txt", ".md", ".text"):
+        text = read_text(p)
+        if not text.strip():
+            raise DataError(f"{p}: file is empty")
+        return [text]
+    texts = []
+    for where, rec in read_records(p):
+        value = rec.get(field)
+        if not isinstance(value, str):
+            have = ", ".join(list(rec)[:8])
+            raise DataError(f"{where}: no text field '{field}' (fields: {have}); pick one with --field")
+        if value.strip():
+            texts.append(value)
+    if not texts:
+        raise DataError(f"{p}: no non-empty '{field}' texts")
+    return texts
+
+
+def perplexity_file(path, model_id: str | None = None, window: int = 256, stride: int | None = None,
+                    field: str = "text", max_tokens: int | None = None) -> dict:
+    """Perplexity of a text file's contents under a model (what ``llmtech eval ppl`` prints)."""
+    from .. import models
+    from ..errors import ConfigError, DataError
+
+    if window < 2 or (stride is not None and not 1 <= stride <= window):
+        raise ConfigError(f"need --window >= 2 and 1 <= --stride <= --window (got {window}, {stride})")
+    texts = read_texts(path, field)
+    model_id = model_id or models.DEFAULT_LM
+    model, tok = models.load_lm(model_id)
+    try:
+        stats = perplexity_stats(model, tok, texts, window, stride, max_tokens)
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
+    return {"data": str(path), "model": model_id, "texts": len(texts), **stats}
