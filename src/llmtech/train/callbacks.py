@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ..errors import TrainingDiverged
+from ..errors import DataError, TrainingDiverged
 from ..io import atomic_savefig, atomic_write_text
 
 
@@ -52,10 +52,19 @@ class NanGuardCallback(TrainerCallback):
 
 
 def read_log(path: str | Path) -> list[dict]:
+    """Every row of a ``trainer_log.jsonl`` ([] when the file is missing or empty). A malformed
+    line is a DataError naming ``file:line``; ``llmtech.track.logs`` reads past such lines."""
+    from ..track.logs import jsonl_records
+
     path = Path(path)
-    if not path.exists():
+    if not path.exists() or not path.read_bytes().strip():
         return []
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    rows, problems = jsonl_records(path)
+    if problems:
+        bad = problems[0]
+        raise DataError(f"{bad.file}:{bad.line}: {bad.message.removesuffix('; line skipped')} "
+                        f"(`python -m llmtech.track.logs {path}` reads past bad lines)")
+    return [row for _, row in rows]
 
 
 def plot_loss(log_path: str | Path, out_png: str | Path, title: str = "loss") -> Path | None:
@@ -117,12 +126,7 @@ def read_tensorboard_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, f
     Returns ``{tag: [(step, value), ...]}`` (e.g. ``"train/loss"``, ``"eval/loss"``), the same
     numbers the TensorBoard web page draws.
     """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from ..track.logs import tensorboard_scalars
 
-    out: dict[str, list[tuple[int, float]]] = {}
-    for run_dir in sorted({p.parent for p in Path(log_dir).rglob("events.out.tfevents.*")}):
-        acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0 = keep all
-        acc.Reload()
-        for tag in acc.Tags().get("scalars", []):
-            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return out
+    return {tag: [(step, value) for step, value, _ in pts]
+            for tag, pts in tensorboard_scalars(log_dir).items()}
