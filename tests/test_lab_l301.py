@@ -55,3 +55,18 @@ def test_lab_two_process_zero3_matches_single_process(tmp_path):
     result = json.loads((out / "run_zero3" / "result.json").read_text())
     assert result["world_size"] == 2 and len(result["peak_rss_mb_per_rank"]) == 2
     assert (out / "loss_single_vs_zero3.png").exists()
+
+
+def test_deepspeed_run_evaluates_before_and_after(tmp_path):
+    # under DeepSpeed an evaluate() before train() leaves the Trainer without its training engine;
+    # run_sft evaluates at the start of training instead (eval_on_start)
+    ds = zero.zero_config(3, bf16=False, micro_batch=2, world_size=2, hidden_size=64)
+    ds.pop("optimizer")
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    s = SFTSettings(model="tiny-llama", train_file=str(ROOT / "data/support/sft_train.jsonl"),
+                    eval_file=str(ROOT / "data/support/sft_test.jsonl"), max_eval_samples=4,
+                    max_steps=2, max_length=64, batch_size=2, bf16=False, save_steps=10**6,
+                    output_dir=str(tmp_path / "run"), deepspeed=str(tmp_path / "ds.json"))
+    r = launch_sft(s, nproc=2, timeout=600)
+    assert r["world_size"] == 2 and r["eval_loss_before"] > 0 and r["eval_loss_after"] > 0
+    assert (tmp_path / "run" / "final" / "adapter_config.json").exists()  # LoRA saved from rank 0

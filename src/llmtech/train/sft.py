@@ -207,6 +207,10 @@ def build_trainer(s: SFTSettings, model=None, tokenizer=None, callbacks=()):
         logging_first_step=True,
         logging_nan_inf_filter=False,  # let the NaN guard see a diverged loss
         eval_strategy="steps" if (eval_ds is not None and s.eval_steps) else "no",
+        # under DeepSpeed the engine is built when training starts (an evaluate() before that leaves
+        # the Trainer without a training engine), so the "before" evaluation runs as train()'s
+        # first act instead
+        eval_on_start=bool(s.deepspeed and eval_ds is not None and s.eval_before and not s.resume),
         eval_steps=s.eval_steps,
         save_strategy="steps",
         save_steps=s.save_steps,
@@ -257,12 +261,15 @@ def run_sft(s: SFTSettings, model=None, tokenizer=None, callbacks=()) -> dict:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     result.update(trainable_params=trainable, total_params=total)
-    if trainer.eval_dataset is not None and s.eval_before and not resume_from:
+    if trainer.eval_dataset is not None and s.eval_before and not resume_from and not s.deepspeed:
         result["eval_loss_before"] = trainer.evaluate()["eval_loss"]
     t0 = time.time()
     train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.time() - t0
     metrics = train_out.metrics
+    if trainer.args.eval_on_start:
+        result["eval_loss_before"] = next(x["eval_loss"] for x in trainer.state.log_history
+                                          if "eval_loss" in x)
     result["train_loss"] = metrics.get("train_loss")
     result["global_step"] = trainer.state.global_step
     result["train_runtime_s"] = round(wall, 2)
