@@ -229,10 +229,50 @@ def build_prompt(q: Question, mode: str = "letter", shots: list[Question] | None
 # --------------------------------------------------------------------------- scoring
 
 def _forward_params(model) -> set[str]:
+    """Keyword names the model's forward accepts (a PEFT wrapper passes keywords on to its base
+    model, so the base model's names count)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return set(inspect.signature(model.forward).parameters)
+        return set(inspect.signature(inner.forward).parameters)
     except (TypeError, ValueError):
         return set()
+
+
+@torch.no_grad()
+def score_token_continuations(model, prompt_ids: list[int], continuations: list[list[int]],
+                              pad_id: int = 0) -> list[float]:
+    """log p(continuation | prompt) summed over its tokens, for token-id sequences. The prompt
+    runs once; its key/value cache is repeated for the continuations, which run together as one
+    right-padded batch (skipped when every continuation is a single token)."""
+    if not prompt_ids or not continuations or any(not c for c in continuations):
+        raise ValueError("prompt and every continuation need at least one token")
+    model.eval()
+    c_ids = continuations
+    longest = max(len(c) for c in c_ids)
+    dev = model.device
+    params = _forward_params(model)
+    kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+    out = model(input_ids=torch.tensor([prompt_ids], device=dev), use_cache=longest > 1, **kw)
+    first = torch.log_softmax(out.logits[0, -1].float(), -1).cpu()
+    sums = [float(first[c[0]]) for c in c_ids]
+    if longest > 1:
+        n, P, L = len(c_ids), len(prompt_ids), longest - 1
+        ids = torch.full((n, L), pad_id, dtype=torch.long)
+        att = torch.zeros((n, P + L), dtype=torch.long)
+        att[:, :P] = 1
+        for j, c in enumerate(c_ids):
+            ids[j, :len(c) - 1] = torch.tensor(c[:-1])
+            att[j, P:P + len(c) - 1] = 1
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        cache.batch_repeat_interleave(n)
+        logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev), use_cache=False,
+                       **{cache_arg: cache}).logits.float().cpu()
+        logp = torch.log_softmax(logits, -1)
+        for j, c in enumerate(c_ids):
+            if len(c) > 1:
+                sums[j] += float(logp[j, torch.arange(len(c) - 1), torch.tensor(c[1:])].sum())
+    return sums
 
 
 @torch.no_grad()
@@ -255,30 +295,8 @@ def score_continuations(model, tokenizer, prompt: str, continuations: list[str],
     truncated = len(p_ids) + longest > max_length
     if truncated:
         p_ids = p_ids[-(max_length - longest):]
-    dev = model.device
-    params = _forward_params(model)
-    kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
-    out = model(input_ids=torch.tensor([p_ids], device=dev), use_cache=longest > 1, **kw)
-    first = torch.log_softmax(out.logits[0, -1].float(), -1).cpu()
-    sums = [float(first[c[0]]) for c in c_ids]
-    if longest > 1:
-        n, P, L = len(c_ids), len(p_ids), longest - 1
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.full((n, L), pad, dtype=torch.long)
-        att = torch.zeros((n, P + L), dtype=torch.long)
-        att[:, :P] = 1
-        for j, c in enumerate(c_ids):
-            ids[j, :len(c) - 1] = torch.tensor(c[:-1])
-            att[j, P:P + len(c) - 1] = 1
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        cache.batch_repeat_interleave(n)
-        logits = model(input_ids=ids.to(dev), attention_mask=att.to(dev), use_cache=False,
-                       **{cache_arg: cache}).logits.float().cpu()
-        logp = torch.log_softmax(logits, -1)
-        for j, c in enumerate(c_ids):
-            if len(c) > 1:
-                sums[j] += float(logp[j, torch.arange(len(c) - 1), torch.tensor(c[1:])].sum())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sums = score_token_continuations(model, p_ids, c_ids, pad)
     return sums, [len(c) for c in c_ids], truncated
 
 
