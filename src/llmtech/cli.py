@@ -94,6 +94,20 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out"),
     pipeline.main(out, full, config, overrides or [])
 
 
+@app.command("workflow", context_settings={"allow_extra_args": True})
+def workflow_cmd(out: Path = typer.Option(Path("runs/workflow"), "--out"),
+                 config: Optional[Path] = typer.Option(None, "--config", help="YAML WorkflowConfig"),
+                 overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Resumable alignment workflow: data -> SFT -> DPO -> eval -> export (safetensors + GGUF)
+    -> index -> serve; unchanged stages are skipped on the next run (see llmtech.workflow)."""
+    from .config import load_config
+    from .workflow import WorkflowConfig, run_workflow
+
+    m = run_workflow(load_config(WorkflowConfig, config, overrides or []), out)
+    typer.echo(f"{m['stages_ran']} stages ran, {m['stages_skipped']} skipped; "
+               f"report -> {Path(out) / 'report.md'}")
+
+
 @app.command("report")
 def report_cmd(runs: Path = typer.Option(Path("runs"), "--runs", help="folder of lab outputs")) -> None:
     """Gather every lab's metrics.json into runs/REPORT.md plus plots."""
@@ -361,6 +375,19 @@ def eval_ppl(data: Path = typer.Option(..., "--data", help=".txt file, or JSONL/
     from .evals.lm import perplexity_file
 
     result = perplexity_file(data, model, window, stride, field, max_tokens)
+    typer.echo(json.dumps(result, ensure_ascii=False, indent=2))
+
+
+@eval_app.command("bias")
+def eval_bias(pairs: Path = typer.Option(..., "--pairs", help="CrowS-Pairs-layout CSV (sent_more, sent_less, stereo_antistereo, bias_type)"),
+              model: Optional[str] = typer.Option(None, "--model", help="model id (default smollm2-135m)"),
+              limit: Optional[int] = typer.Option(None, "--limit", help="first N valid pairs"),
+              variant: str = typer.Option("full", "--variant", help="full | shared (score only the tokens both sentences share)")) -> None:
+    """Paired-sentence bias: share of pairs where the model prefers the more stereotyping
+    sentence (0.5 = unbiased); prints JSON (metric_score, n, by_category, skipped)."""
+    from .evals.bias import run_crows
+
+    result = run_crows(pairs, model=model, limit=limit, variant=variant)
     typer.echo(json.dumps(result, ensure_ascii=False, indent=2))
 
 

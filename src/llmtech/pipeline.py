@@ -369,16 +369,19 @@ def port_refuses(port: int) -> bool:
 
 
 def serve_and_ask(cfg: PipelineConfig, stages: Stages, label: str, model: str, out: Path,
-                  questions: list[dict], baseline: bool = False) -> tuple[dict, list[dict]]:
+                  questions: list[dict], baseline: bool = False,
+                  data_dir: Path | None = None) -> tuple[dict, list[dict]]:
     """Stages 4-6 for one model: start the service, ask every question, stop the service.
-    ``baseline``: all three are timed as the one ``baseline`` stage."""
+    ``baseline``: all three are timed as the one ``baseline`` stage. The service's data
+    (knowledge base) is ``data_dir`` (default ``out/serve``); its log is copied into ``out``."""
     from openai import OpenAI
 
     from .serve.launch import Server
 
-    srv = Server(serve_overrides(cfg, model, out / "serve"), timeout_s=cfg.server_timeout_s)
+    data_dir = data_dir or out / "serve"
+    srv = Server(serve_overrides(cfg, model, data_dir), timeout_s=cfg.server_timeout_s)
     metrics: dict[str, Any] = {"service_url": srv.url}
-    index_before = index_fingerprint(out / "serve")
+    index_before = index_fingerprint(data_dir)
     replies: list[dict] = []
     # 对照组的启动、提问、停止合起来记作一个阶段 baseline
     name = {n: "baseline" if baseline else n for n in ("serve", "answer", "stop")}
@@ -415,7 +418,7 @@ def serve_and_ask(cfg: PipelineConfig, stages: Stages, label: str, model: str, o
             metrics["service_stopped"] = (not srv.alive()) and port_refuses(srv.port)
             if not metrics["service_stopped"]:
                 raise LlmtechError(f"the service on port {srv.port} is still answering")
-            metrics["index_reused"] = index_fingerprint(out / "serve") == index_before
+            metrics["index_reused"] = index_fingerprint(data_dir) == index_before
     rows = [{"model": label, "id": q["id"], "lang": q["lang"], "question": q["question"],
              "gold": q["answer"], "answer": a.text, "refused": a.refused,
              "correct": bool(q["answer"]) and not a.refused

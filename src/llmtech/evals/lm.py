@@ -169,21 +169,25 @@ def perplexity_stats(model, tokenizer, texts: Iterable[str], window: int = 256,
 
 @torch.no_grad()
 def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
-             batch_size: int = 8) -> list[str]:
-    """Greedy replies to each conversation (prompt = all messages, generation prompt added)."""
+             batch_size: int = 8, num_return_sequences: int = 1, **generate_kwargs) -> list[str]:
+    """Replies to each conversation (prompt = all messages, generation prompt added); greedy
+    unless ``generate_kwargs`` ask for sampling (``do_sample=True, temperature=...``). With
+    ``num_return_sequences=n`` the n replies of each conversation come one after another."""
     model.eval()
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     outs: list[str] = []
+    kw = {"do_sample": False, **generate_kwargs}
     try:
         for i in range(0, len(conversations), batch_size):
             texts = [render_chat(tokenizer, c, add_generation_prompt=True)
                      for c in conversations[i:i + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True,
                             add_special_tokens=False).to(model.device)
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens,
+                                 num_return_sequences=num_return_sequences,
                                  pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+                                 eos_token_id=tokenizer.eos_token_id, **kw)
             for row in gen[:, enc["input_ids"].shape[1]:]:
                 outs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     finally:
