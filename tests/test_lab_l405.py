@@ -207,12 +207,12 @@ def test_continue_training_keeps_training_the_same_adapter(tmp_path):
 @pytest.mark.slow
 def test_lab_incremental_lora(tmp_path):
     shared_or_skip("llamafactory_sft/alpaca_en_demo.json")
-    r = run_script(LAB, "--quick", "--out", tmp_path, "a_steps=4", "b_steps=4", "eval_samples=8",
-                   "b_train_samples=16", "max_length=96", "merge_methods=[linear,dare_ties]",
+    r = run_script(LAB, "--quick", "--out", tmp_path, "a_steps=4", "b_steps=3", "eval_samples=6",
+                   "b_train_samples=12", "max_length=80", "merge_methods=[linear,dare_ties]",
                    timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["lab"] == "L4.05" and m["model"] == "smollm2-135m" and m["eval_samples_per_task"] == 8
+    assert m["lab"] == "L4.05" and m["model"] == "smollm2-135m" and m["eval_samples_per_task"] == 6
     strategies = ["base", "only_A", "only_B", "sequential", "replay", "router", "merge_linear",
                   "merge_dare_ties"]
     for k in strategies:

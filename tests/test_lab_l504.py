@@ -147,6 +147,10 @@ def test_wandb_offline_run_files_hold_config_metrics_and_artifact(tmp_path, monk
     assert back["artifacts"] == [{"name": "support-adapter", "type": "model",
                                   "files": ["adapter_config.json", "adapter_model.safetensors"]}]
     assert list(home.iterdir()) == []  # nothing written into the user's home
+    # W&B's offline mode stays inside the run: a leftover WANDB_MODE=offline makes transformers
+    # print to stdout on import in every child process (it broke `llmtech rag` JSON output)
+    R.ModelRegistry(tmp_path / "mlflow")
+    assert "WANDB_MODE" not in os.environ
     dry = R.wandb_sync_dry_run(wb.run_dir, tmp_path / "wb")
     assert "Would sync 1 run" in dry and wb.run_id in dry
     assert wb.sync_command == f"wandb sync {wb.run_dir}"

@@ -77,9 +77,9 @@ def _lab_metrics(script, tmp_path, *overrides):
 
 @pytest.mark.slow
 def test_lab_l101_response_only_masking(tmp_path):
-    m = _lab_metrics(L101, tmp_path, "train_samples=48", "max_steps=12", "test_samples=16",
+    m = _lab_metrics(L101, tmp_path, "train_samples=32", "max_steps=8", "test_samples=12",
                      "answer_tokens=0")
-    assert m["model"] == "smollm2-135m" and m["train_steps"] == 12
+    assert m["model"] == "smollm2-135m" and m["train_steps"] == 8
     assert m["response_loss_after_response_only"] < m["response_loss_before"] - 0.1, m
     assert m["response_loss_after_full_seq"] < m["response_loss_before"], m
     assert m["response_loss_after_response_only"] < m["response_loss_after_full_seq"], m

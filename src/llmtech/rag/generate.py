@@ -245,6 +245,20 @@ class Generator:
             self._finish(a)
         return answers
 
+    def answer_chats(self, chats: Sequence[list[dict]], questions: Sequence[str],
+                     langs: Sequence[str | None] | None = None) -> list[Answer]:
+        """Answers to whole conversations (system prompt, worked examples, the question turn)
+        built by the caller, e.g. to compare prompt strategies; ``questions`` label them."""
+        langs = list(langs) if langs is not None else [None] * len(chats)
+        texts = [models.render_chat(self.tok, c, add_generation_prompt=True) for c in chats]
+        out = []
+        for q, lang, (text, n_prompt, n_out, secs) in zip(questions, langs, self._generate(texts)):
+            a = Answer(q, text, False, lang=lang or question_lang(q), prompt_tokens=n_prompt,
+                       completion_tokens=n_out, seconds=secs)
+            self._finish(a)
+            out.append(a)
+        return out
+
     def _finish(self, a: Answer) -> None:
         finish_answer(a, self.attribute)
 

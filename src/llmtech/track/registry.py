@@ -45,12 +45,12 @@ LINEAGE_PREFIX = "lineage."
 
 
 def silence_outbound() -> None:
-    """Environment that keeps MLflow and W&B off the network (telemetry, cloud metadata)."""
+    """Environment that keeps MLflow off the network (telemetry). W&B's offline settings are
+    applied only while a W&B run is open (``wandb_env``): a process-wide ``WANDB_MODE=offline``
+    makes transformers print "[INFO] Running in WANDB offline mode" to stdout on import, in this
+    process and in every child process (it broke the JSON output of ``llmtech rag``)."""
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     os.environ["DO_NOT_TRACK"] = "1"
-    os.environ["WANDB_MODE"] = "offline"
-    os.environ["WANDB_SILENT"] = "true"
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 # --------------------------------------------------------------------------- lineage
