@@ -165,3 +165,17 @@ def test_cli_names_unknown_keys_and_bad_state(tmp_path):
     (tmp_path / "o" / workflow.STATE_FILE).write_text("[]")
     r = run_cli("workflow", "--out", tmp_path / "o")
     assert r.returncode != 0 and "not a workflow state file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_failed_gguf_write_leaves_no_file(tmp_path, tiny):
+    from unittest import mock
+
+    import gguf
+
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    with mock.patch.object(gguf.GGUFWriter, "write_tensors_to_file", side_effect=OSError("disk full")):
+        with pytest.raises(OSError, match="disk full"):
+            gguf_export.export_gguf(tmp_path / "hf", tmp_path / "g" / "m.gguf", "f32")
+    assert list((tmp_path / "g").iterdir()) == []  # no m.gguf, no m.gguf.partial

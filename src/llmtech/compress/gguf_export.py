@@ -75,6 +75,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: QType = "q8_
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(out_file.name + ".partial")
     w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
+    done = False
     try:
         w.add_name(name or model_dir.name)
         w.add_context_length(cfg.max_position_embeddings)
@@ -113,8 +114,11 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, qtype: QType = "q8_
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
+        done = True
     finally:
         w.close()
+        if not done:  # a failed export leaves neither a half-written file nor its temp file
+            tmp.unlink(missing_ok=True)
     tmp.replace(out_file)
     src = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     return {"path": str(out_file), "bytes": out_file.stat().st_size, "tensors": count,
