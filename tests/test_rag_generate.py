@@ -25,7 +25,7 @@ class ScriptedGenerator(G.Generator):
     def chat_text(self, user):
         return user
 
-    def _generate(self, texts):
+    def generate_texts(self, texts, streamer=None):
         self.prompts += texts
         return [(self.replies.pop(0), 100, 7, 0.5) for _ in texts]
 

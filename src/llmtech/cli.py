@@ -290,6 +290,17 @@ def rag_index(docs: Path = typer.Option(..., "--docs", help="folder of documents
     typer.echo(json.dumps(out, ensure_ascii=False, indent=2))
 
 
+@rag_app.command("audit-verify")
+def rag_audit_verify(kb: str = typer.Option(..., "--kb", help="knowledge-base name or folder")) -> None:
+    """Check a knowledge base's hash-chained audit log; exit 1 naming the first bad line."""
+    from .rag.records import audit_verify
+
+    result = audit_verify(_kb_path(kb))
+    typer.echo(json.dumps(result, ensure_ascii=False, indent=2))
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
 @rag_app.command("ask")
 def rag_ask(question: str = typer.Argument(...),
             kb: str = typer.Option(..., "--kb", help="knowledge-base name or folder"),

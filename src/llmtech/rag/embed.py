@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -49,20 +50,24 @@ class EmbeddingCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path)
+        # usable from worker threads (retrieval with a deadline, request threads); one lock
+        # keeps reads and write transactions from interleaving on the shared connection
+        self._db = sqlite3.connect(self.path, check_same_thread=False)
+        self._lock = threading.RLock()
         self._db.execute("CREATE TABLE IF NOT EXISTS vec (key TEXT PRIMARY KEY, v BLOB)")
 
     def get_many(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
-        for i in range(0, len(keys), 500):
-            part = list(keys[i:i + 500])
-            q = f"SELECT key, v FROM vec WHERE key IN ({','.join('?' * len(part))})"
-            for key, blob in self._db.execute(q, part):
-                found[key] = np.frombuffer(blob, dtype=np.float32)
+        with self._lock:
+            for i in range(0, len(keys), 500):
+                part = list(keys[i:i + 500])
+                q = f"SELECT key, v FROM vec WHERE key IN ({','.join('?' * len(part))})"
+                for key, blob in self._db.execute(q, part):
+                    found[key] = np.frombuffer(blob, dtype=np.float32)
         return found
 
     def put_many(self, items: dict[str, np.ndarray]) -> None:
-        with self._db:
+        with self._lock, self._db:
             self._db.executemany("INSERT OR REPLACE INTO vec VALUES (?, ?)",
                                  [(k, np.asarray(v, np.float32).tobytes()) for k, v in items.items()])
 

@@ -189,7 +189,8 @@ class Generator:
     def __init__(self, model_id: str = models.DEFAULT_LM, max_new_tokens: int = 64,
                  min_score: float | None = None, attribute: bool = False, batch_size: int = 8,
                  max_passage_chars: int | None = None, system: str | None = None,
-                 progress: bool = False, model=None, tokenizer=None):
+                 progress: bool = False, model=None, tokenizer=None,
+                 max_time: float | None = None):
         self.model_id = model_id
         if model is None or tokenizer is None:
             model, tokenizer = models.load_lm(model_id)
@@ -197,15 +198,21 @@ class Generator:
         self.max_new_tokens, self.min_score, self.attribute = max_new_tokens, min_score, attribute
         self.batch_size, self.max_passage_chars, self.system = batch_size, max_passage_chars, system
         self.progress = progress  # a tqdm bar over generation batches
+        # a wall-clock cap (seconds) per generate() call: transformers stops decoding when it
+        # passes (checked after each token), so a slow model cannot hang a request
+        self.max_time = max_time
 
     # -- prompts
     def chat_text(self, user: str) -> str:
-        msgs = models.chat_messages(user, system=self.system)
+        return self.render(models.chat_messages(user, system=self.system))
+
+    def render(self, msgs: Sequence[dict]) -> str:
+        """A conversation as the text the model continues (its chat template)."""
         template = getattr(self.tok, "chat_template", None) or ""
         if "enable_thinking" in template:  # Qwen3-style: answer directly, no <think> block
-            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
-                                                enable_thinking=False)
-        return models.render_chat(self.tok, msgs, add_generation_prompt=True)
+            return self.tok.apply_chat_template(list(msgs), tokenize=False,
+                                                add_generation_prompt=True, enable_thinking=False)
+        return models.render_chat(self.tok, list(msgs), add_generation_prompt=True)
 
     # -- answering
     def answer(self, question: str, passages: Sequence[Passage] | None,
@@ -239,7 +246,7 @@ class Generator:
                 todo.append((len(answers), self.chat_text(prompt)))
             answers.append(a)
         for i, (text, n_prompt, n_out, secs) in zip(
-                [i for i, _ in todo], self._generate([t for _, t in todo])):
+                [i for i, _ in todo], self.generate_texts([t for _, t in todo])):
             a = answers[i]
             a.text, a.prompt_tokens, a.completion_tokens, a.seconds = text, n_prompt, n_out, secs
             self._finish(a)
@@ -252,7 +259,7 @@ class Generator:
         langs = list(langs) if langs is not None else [None] * len(chats)
         texts = [models.render_chat(self.tok, c, add_generation_prompt=True) for c in chats]
         out = []
-        for q, lang, (text, n_prompt, n_out, secs) in zip(questions, langs, self._generate(texts)):
+        for q, lang, (text, n_prompt, n_out, secs) in zip(questions, langs, self.generate_texts(texts)):
             a = Answer(q, text, False, lang=lang or question_lang(q), prompt_tokens=n_prompt,
                        completion_tokens=n_out, seconds=secs)
             self._finish(a)
@@ -262,13 +269,16 @@ class Generator:
     def _finish(self, a: Answer) -> None:
         finish_answer(a, self.attribute)
 
-    def _generate(self, texts: list[str]) -> list[tuple[str, int, int, float]]:
+    def generate_texts(self, texts: list[str], streamer=None) -> list[tuple[str, int, int, float]]:
         """Greedy continuations in batches (sorted by length: less padding).
-        Returns (text, prompt tokens, completion tokens, seconds) per input, in input order."""
+        Returns (text, prompt tokens, completion tokens, seconds) per input, in input order.
+        ``streamer``: a transformers streamer that sees the tokens as they come (one text only)."""
         import torch
 
         if not texts:
             return []
+        if streamer is not None and len(texts) != 1:
+            raise ValueError("a streamer follows one generation: pass one text")
         enc = [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         order = sorted(range(len(texts)), key=lambda i: len(enc[i]))
         out: list[tuple[str, int, int, float] | None] = [None] * len(texts)
@@ -294,7 +304,10 @@ class Generator:
                 gen = self.model.generate(input_ids=ids.to(self.model.device),
                                           attention_mask=att.to(self.model.device),
                                           max_new_tokens=self.max_new_tokens, do_sample=False,
-                                          pad_token_id=pad, eos_token_id=list(eos_ids))
+                                          pad_token_id=pad, eos_token_id=list(eos_ids),
+                                          streamer=streamer,
+                                          **({"max_time": self.max_time}
+                                             if self.max_time is not None else {}))
             secs = (time.perf_counter() - t0) / len(idx)
             for j, i in enumerate(idx):
                 row = gen[j, L:].tolist()

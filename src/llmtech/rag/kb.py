@@ -20,12 +20,20 @@ How an update stays consistent when it is killed half-way:
 A kill during 1 or 2 leaves the old docstore; during 3 a docstore the store does not match yet.
 Either way the next run (``open`` checks, ``update`` re-plans) ends with every document present
 once, and store, BM25 and docstore holding the same chunk ids.
+
+One writer at a time: every writing method holds an exclusive, non-blocking ``flock`` on
+``<kb>/write.lock`` (``llmtech.rag.records.WriteLock``); a second writer, in this or another
+process, gets ``KBLocked`` naming the holder's pid. Readers are never blocked. A knowledge base
+rebuilt by ``llmtech.rag.records.rebuild`` is a symlink to its current generation folder; it is
+resolved once on opening, so a reader keeps reading one generation even if a rebuild swaps in
+the next one meanwhile.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
@@ -97,7 +105,12 @@ class KnowledgeBase:
     ``model_id`` must be the one the knowledge base was built with."""
 
     def __init__(self, path: Path, config: KBConfig, embedder=None):
-        self.path, self.config = path, config
+        # ``link``: the path as given; ``path``: the generation folder it points to (pinned)
+        self.link = Path(path)
+        self.path = self.link.resolve() if self.link.is_symlink() else self.link
+        self.config = config
+        self._lock = None
+        self._lock_depth = 0
         if embedder is not None and embedder.model_id != config.embedder:
             raise ConfigError(f"{path}: built with embedder {config.embedder}, "
                               f"not {embedder.model_id}")
@@ -153,6 +166,22 @@ class KnowledgeBase:
         if self._own_embedder and self._embedder is not None and self._embedder.cache is not None:
             self._embedder.cache.close()
         self.db.close()
+
+    @contextmanager
+    def writing(self):
+        """Hold the knowledge base's single-writer lock (re-entrant within this object)."""
+        from .records import WriteLock
+
+        if self._lock_depth == 0:
+            self._lock = WriteLock(self.path, self.link).acquire()
+        self._lock_depth += 1
+        try:
+            yield self
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0:
+                self._lock.release()
+                self._lock = None
 
     # ------------------------------------------------------------------ components
     @property
@@ -221,6 +250,10 @@ class KnowledgeBase:
                use_cache: bool = True) -> IndexReport:
         """Bring the knowledge base in line with ``docs_dir``; ``full`` re-chunks and re-embeds
         everything (``use_cache=False`` also bypasses the embedding cache)."""
+        with self.writing():
+            return self._update(docs_dir, mode, use_cache)
+
+    def _update(self, docs_dir, mode, use_cache) -> IndexReport:
         t0 = time.perf_counter()
         report = IndexReport()
         docs, report.skipped = scan(docs_dir, self.config.max_file_bytes)
@@ -230,13 +263,7 @@ class KnowledgeBase:
                             + (f" (skipped {len(report.skipped)}: {why})" if why else ""))
         tokenizer = self.embedder.st.tokenizer if self.config.chunk.strategy == "tokens" else None
         old = {} if mode == "full" else self.doc_hashes()
-        # identical content under several names is indexed once: the copy already in the
-        # knowledge base wins, otherwise the first name in sorted order
-        keeper: dict[str, str] = {}
-        for doc in docs:
-            h = text_hash(doc.text)
-            if h not in keeper or (old.get(doc.source) == h and old.get(keeper[h]) != h):
-                keeper[h] = doc.source
+        keeper = keepers(docs, old)
         writes: list[tuple[Any, list]] = []
         for doc in docs:
             h = text_hash(doc.text)
@@ -272,8 +299,10 @@ class KnowledgeBase:
         return chunks
 
     def _write(self, writes: list[tuple[Any, list]], deleted: Sequence[str],
-               wipe: bool = False) -> None:
-        """Every docstore change in ONE transaction: replaced and deleted documents."""
+               wipe: bool = False, in_transaction=None) -> None:
+        """Every docstore change in ONE transaction: replaced and deleted documents.
+        ``in_transaction(db)`` runs last inside the same transaction (the record manager
+        stores its per-source records and run id there, so they land with the documents)."""
         with self.db:
             if wipe:
                 self.db.execute("DELETE FROM chunks")
@@ -289,11 +318,17 @@ class KnowledgeBase:
                 self.db.executemany("INSERT INTO chunks VALUES (?,?,?,?,?,?,?)",
                                     [(c.id, c.doc_id, n, c.text, c.start, c.end, c.hash)
                                      for n, c in enumerate(chunks)])
+            if in_transaction is not None:
+                in_transaction(self.db)
 
     # ------------------------------------------------------------------ per-document edits
     def upsert(self, docs: Sequence[Any]) -> IndexReport:
         """Add or replace these documents (``Document``s, ``source`` = document id) and leave
         every other document alone: the service's "parse this document"."""
+        with self.writing():
+            return self._upsert(docs)
+
+    def _upsert(self, docs: Sequence[Any]) -> IndexReport:
         t0 = time.perf_counter()
         report = IndexReport()
         tokenizer = self.embedder.st.tokenizer if self.config.chunk.strategy == "tokens" else None
@@ -312,12 +347,20 @@ class KnowledgeBase:
 
     def remove(self, doc_ids: Sequence[str]) -> IndexReport:
         """Delete these documents and their chunks from the docstore and both indexes."""
+        with self.writing():
+            return self._remove(doc_ids)
+
+    def _remove(self, doc_ids: Sequence[str]) -> IndexReport:
         report = IndexReport(deleted=[d for d in doc_ids if d in self.doc_hashes()])
         self._write([], report.deleted)
         return self.sync(report)
 
     def add_chunk(self, doc_id: str, text: str) -> str:
         """A hand-written chunk for an existing document; returns its id."""
+        with self.writing():
+            return self._add_chunk(doc_id, text)
+
+    def _add_chunk(self, doc_id: str, text: str) -> str:
         text = text.strip()
         if not text:
             raise DataError("a chunk needs some text")
@@ -336,6 +379,10 @@ class KnowledgeBase:
 
     def delete_chunks(self, ids: Sequence[str]) -> int:
         """Delete chunks by id; returns how many existed."""
+        with self.writing():
+            return self._delete_chunks(ids)
+
+    def _delete_chunks(self, ids: Sequence[str]) -> int:
         found = [r[0] for r in self.chunk_rows(list(ids))]
         with self.db:
             for cid in found:
@@ -428,6 +475,18 @@ class KnowledgeBase:
 
     def search(self, query: str, k: int = 5, mode: Mode = "hybrid") -> list[Passage]:
         return self.search_many([query], k, mode)[0]
+
+
+def keepers(docs: Sequence[Any], indexed: dict[str, str]) -> dict[str, str]:
+    """Content hash -> the one source that is indexed for it. Identical content under several
+    names is indexed once: the copy already in the knowledge base (``indexed``: source -> hash)
+    wins, otherwise the first name in sorted order."""
+    keeper: dict[str, str] = {}
+    for doc in docs:
+        h = text_hash(doc.text)
+        if h not in keeper or (indexed.get(doc.source) == h and indexed.get(keeper[h]) != h):
+            keeper[h] = doc.source
+    return keeper
 
 
 def _bm25_params(index: BM25Index) -> dict[str, Any]:

@@ -66,7 +66,11 @@ def scan(folder: str | Path, max_bytes: int = MAX_BYTES) -> tuple[list[Document]
         if path.suffix.lower() not in SUPPORTED:
             skipped.append(Skipped(rel, f"unsupported type '{path.suffix or '(none)'}'"))
             continue
-        size = path.stat().st_size
+        try:
+            size = path.stat().st_size
+        except OSError as e:  # removed (or made unreadable) between listing and reading
+            skipped.append(Skipped(rel, f"vanished or unreadable: {e.strerror or e}"))
+            continue
         if size > max_bytes:
             skipped.append(Skipped(rel, f"file too large ({size} bytes > {max_bytes})"))
             continue
