@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -114,13 +115,15 @@ def _model_folder(model_id: str, seed: int) -> Path:
     folder = models.cache_dir() / f"tiny-llama-seed{seed}"
     if not (folder / "config.json").exists():
         model, tok = models.load_lm(model_id, seed=seed)
-        tmp = folder.with_name(folder.name + ".tmp")
+        # a private temp folder per process: two processes saving at once never mix files
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if folder.exists():  # another process saved it meanwhile
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        try:
             tmp.replace(folder)
+        except OSError:  # another process saved it meanwhile (the target is a non-empty folder)
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

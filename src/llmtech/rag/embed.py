@@ -52,7 +52,8 @@ class EmbeddingCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # usable from worker threads (retrieval with a deadline, request threads); one lock
         # keeps reads and write transactions from interleaving on the shared connection
-        self._db = sqlite3.connect(self.path, check_same_thread=False)
+        # timeout: other processes (parallel test workers, a second lab) may hold the write lock
+        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=60)
         self._lock = threading.RLock()
         self._db.execute("CREATE TABLE IF NOT EXISTS vec (key TEXT PRIMARY KEY, v BLOB)")
 

@@ -12,6 +12,7 @@ user cache folder; ``local_postgres(folder)`` does the same for a folder of your
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -35,6 +36,22 @@ def mask_url(url: str) -> str:
     return url
 
 
+@contextlib.contextmanager
+def _start_lock():
+    import fcntl
+
+    from ...models import cache_dir
+
+    path = cache_dir() / "pgserver-start.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def local_postgres(data_dir: str | os.PathLike, cleanup_mode: str | None = "stop"):
     """Start (or reuse) a local PostgreSQL + pgvector server whose data lives in ``data_dir``.
 
@@ -50,7 +67,10 @@ def local_postgres(data_dir: str | os.PathLike, cleanup_mode: str | None = "stop
         data_dir = Path(data_dir).expanduser().resolve()
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         try:
-            server = pgserver.get_server(data_dir, cleanup_mode=cleanup_mode)
+            # one start at a time per machine: the first start creates pgserver's files (and,
+            # as root, its system user); two processes doing that at once trip over each other
+            with _start_lock():
+                server = pgserver.get_server(data_dir, cleanup_mode=cleanup_mode)
         except Exception as e:  # noqa: BLE001 - initdb/pg_ctl failures: show the cause briefly
             raise ConfigError(f"cannot start a local PostgreSQL server in {data_dir}: "
                               f"{type(e).__name__}: {e}") from None
