@@ -26,12 +26,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/llmtech demo
 
-# 两个 pytest 进程并行（pytest-xdist，按文件分配）：本机 2 核，单进程时约三分之一的时间 CPU 在等
-# 子进程启动、服务就绪和文件读写。TEST_WORKERS=0 退回单进程。
-TEST_WORKERS ?= 2
-
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
