@@ -8,12 +8,12 @@
 # 转人工策略这些数字不依赖语言模型，是本实验真正要看的部分。
 
 # %%
-import json
 import random
 from collections import Counter
 from typing import Literal
 
 from llmtech import labs, models
+from llmtech.data import read_records
 from llmtech.errors import DataError
 from llmtech.rag import dialogue as dlg
 from llmtech.rag.confidence import ConfidenceScorer, choose_threshold
@@ -88,7 +88,7 @@ def main(cfg: Config, ctx: labs.LabContext) -> dict:
               f"其中 decline 类 {sum(f and y == 'decline' for f, y in zip(human_flags, test_y))} 条）")
 
     # %% 3. 在 dev 集（eval_qa：可回答 vs 无答案）上选转人工的置信度阈值，并选路由方式
-    qa = [json.loads(line) for line in open(cfg.dev_qa, encoding="utf-8") if line.strip()]
+    qa = [r for _, r in read_records(cfg.dev_qa)]   # 坏行报 文件:行号，不抛 traceback
     qs = [q["question"] for q in qa]
     scorer = ConfidenceScorer(kb)
     dev_hits = kb.search_many(qs, cfg.k)
